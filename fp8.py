@@ -1,0 +1,327 @@
+"""
+fp8.py: FP8 formats, delayed scaling, the FP8 tensor type and the FP8 linear layer.
+
+FP8-LM (arXiv 2310.18313) section 2 / DESIGN.md "Numerics conventions":
+  - E4M3 (max 448) for weights and activations, E5M2 (max 57344) for output gradients.
+  - x_fp8 = sat(x * scale), x ~= x_fp8 * scale_inv; scales are powers of two.
+  - Delayed scaling: the cast at step t uses the scale from the amax history up to step t-1 and
+    records step t's amax in the same pass (kernels.cast_to_fp8). `update_scaling(model)` once per
+    optimizer step turns the history into the next scale. Weights and weight gradients are scaled
+    by their own amax ("just in time").
+  - A linear's weight gradient is an FP8 E4M3 tensor + scale, kept in the layer's buffers
+    (`fp8_grad(p)` returns it) instead of p.grad, which autograd would force to p's dtype.
+
+Usage:  model = convert_to_fp8(model, level=1); loss.backward(); update_scaling(model)
+"""
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from kernels import E4M3, E5M2, fp8_max
+
+FP8_LEVELS = (0, 1, 2, 3)
+MIN_FP8_FEATURES = 16  # both GEMM operands are K-major over in/out features: 16-byte rows (kernels.K_ALIGN)
+PAD_TOKENS = 16  # token dim of the transposed copies (the K of the weight-gradient GEMM) padded to this
+
+
+# ----------------------------------------------------------------------------------------------
+# scaling
+
+
+def amax_to_scale(amax: torch.Tensor, fp8_dtype: torch.dtype, margin: int, prev_scale: torch.Tensor) -> torch.Tensor:
+    """Power-of-two scale 2^(floor(log2(fmax / amax)) - margin), float32 (1,); amax 0 or non-finite
+    keeps prev_scale. Computed in float64 so that fmax/amax never rounds up to the next power of two."""
+    a = amax.double().reshape(1)
+    ok = torch.isfinite(a) & (a > 0)
+    exp = torch.floor(torch.log2(fp8_max(fp8_dtype) / torch.where(ok, a, torch.ones_like(a)))) - margin
+    exp = exp.clamp(-126, 126)  # keep scale and 1/scale finite normal float32
+    return torch.where(ok, torch.exp2(exp), prev_scale.double().reshape(1)).float()
+
+
+class ScalingMeta(nn.Module):
+    """Delayed-scaling state of one cast site: amax history (slot 0 = the current step), the scale
+    in use and its inverse, counts of non-finite amaxes and of saturated / flushed values."""
+
+    def __init__(self, fp8_dtype: torch.dtype, history_len: int = 16, margin: int = 0):
+        super().__init__()
+        if fp8_dtype not in (E4M3, E5M2):
+            raise ValueError(f"fp8_dtype must be E4M3 or E5M2, got {fp8_dtype}")
+        if history_len < 1:
+            raise ValueError(f"history_len must be >= 1, got {history_len}")
+        self.fp8_dtype, self.margin = fp8_dtype, margin
+        self.register_buffer("amax_history", torch.zeros(history_len))
+        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("scale_inv", torch.ones(1))
+        self.register_buffer("n_nonfinite", torch.zeros(1, dtype=torch.int64))
+        self.register_buffer("stats", torch.zeros(2, dtype=torch.int32))  # this step: saturated, flushed to 0
+        self.primed = False  # the very first cast scales by its own amax (no history yet)
+        self.numel = 0  # elements cast since the last read of the stats (host counter)
+
+    def get_extra_state(self):
+        return {"primed": self.primed}
+
+    def set_extra_state(self, state):
+        self.primed = bool(state["primed"])
+
+    @torch.no_grad()
+    def prime(self, x: torch.Tensor) -> None:
+        """First use: a just-in-time scale from x itself, so step 0 does not saturate."""
+        self.scale.copy_(amax_to_scale(x.detach().abs().amax(), self.fp8_dtype, self.margin, self.scale))
+        self.scale_inv.copy_(1.0 / self.scale)
+        self.primed = True
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """End of a step: next scale from the history (this step included), then open a new slot."""
+        h = self.amax_history
+        cur = h[:1]
+        bad = ~torch.isfinite(cur)
+        self.n_nonfinite += bad.long()
+        h[:1] = torch.where(bad, torch.zeros_like(cur), cur)  # a NaN/Inf amax never enters the history
+        new = amax_to_scale(h.max(), self.fp8_dtype, self.margin, self.scale)
+        self.scale.copy_(torch.where(bad, self.scale, new))
+        self.scale_inv.copy_(1.0 / self.scale)
+        h.copy_(h.roll(1))
+        h[0] = 0.0
+
+
+@dataclass
+class FP8Tensor:
+    """FP8 data with its per-tensor scale_inv (float32, 1 element): value ~= data * scale_inv."""
+    data: torch.Tensor
+    scale_inv: torch.Tensor
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.data.float() * self.scale_inv).to(dtype)
+
+    @classmethod
+    def quantize(cls, x: torch.Tensor, fp8_dtype: torch.dtype = E4M3, margin: int = 0) -> "FP8Tensor":
+        """Just-in-time: scale from x's own amax (two passes: amax, then cast)."""
+        scale = amax_to_scale(x.abs().amax(), fp8_dtype, margin, torch.ones(1, device=x.device))
+        x_fp8, _ = kernels.cast_to_fp8(x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x, fp8_dtype, scale)
+        return cls(x_fp8.view(x.shape), 1.0 / scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# the FP8 ops as torch.library custom ops: torch.compile traces them as opaque nodes. Eager code
+# calls the kernels directly (the dispatcher costs ~10 us a call, which small models feel).
+
+
+@torch.library.custom_op("nanofp8::cast", mutates_args=("amax", "stats"))
+def _cast_op(x: torch.Tensor, scale: torch.Tensor, amax: torch.Tensor, stats: torch.Tensor,
+             fp8_dtype: torch.dtype, transpose: bool, pad_t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    y, y_t = kernels.cast_to_fp8(x, fp8_dtype, scale, amax, transpose, pad_t, stats)
+    return y, (y_t if y_t is not None else y.new_empty(0))
+
+
+@_cast_op.register_fake
+def _(x, scale, amax, stats, fp8_dtype, transpose, pad_t):
+    M, N = x.shape
+    y_t = x.new_empty((N, kernels.round_up(M, pad_t)) if transpose else (0,), dtype=fp8_dtype)
+    return x.new_empty((M, N), dtype=fp8_dtype), y_t
+
+
+@torch.library.custom_op("nanofp8::gemm", mutates_args=())
+def _gemm_op(a: torch.Tensor, b: torch.Tensor, a_scale_inv: torch.Tensor, b_scale_inv: torch.Tensor,
+             out_dtype: torch.dtype, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return kernels.fp8_gemm(a, b, a_scale_inv, b_scale_inv, out_dtype, bias)
+
+
+@_gemm_op.register_fake
+def _(a, b, a_scale_inv, b_scale_inv, out_dtype, bias):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("nanofp8::gemm_acc", mutates_args=("out",))
+def _gemm_acc_op(a: torch.Tensor, b: torch.Tensor, a_scale_inv: torch.Tensor, b_scale_inv: torch.Tensor,
+                 out: torch.Tensor) -> None:
+    kernels.fp8_gemm(a, b, a_scale_inv, b_scale_inv, out=out)
+
+
+@_gemm_acc_op.register_fake
+def _(a, b, a_scale_inv, b_scale_inv, out):
+    return None
+
+
+def cast(x, fp8_dtype, scale, amax, stats, transpose=False, pad_t=1):
+    if torch.compiler.is_compiling():
+        y, y_t = _cast_op(x, scale, amax, stats, fp8_dtype, transpose, pad_t)
+        return y, (y_t if transpose else None)
+    return kernels.cast_to_fp8(x, fp8_dtype, scale, amax, transpose, pad_t, stats)
+
+
+def gemm(a, b, a_scale_inv, b_scale_inv, out_dtype=torch.bfloat16, bias=None, out=None):
+    if torch.compiler.is_compiling():
+        if out is not None:
+            _gemm_acc_op(a, b, a_scale_inv, b_scale_inv, out)
+            return out
+        return _gemm_op(a, b, a_scale_inv, b_scale_inv, out_dtype, bias)
+    return kernels.fp8_gemm(a, b, a_scale_inv, b_scale_inv, out_dtype, bias, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# FP8 linear: forward E4M3 x E4M3, dgrad E5M2 x E4M3, wgrad E5M2 x E4M3, all three FP8 GEMMs
+
+
+def cast_weight(w: torch.Tensor, margin: int = 0):
+    """Weight -> (w_fp8 (N, K), w_fp8_t (K, N), scale_inv): just-in-time scale from its own amax."""
+    one = torch.ones(1, device=w.device)
+    scale = amax_to_scale(w.detach().abs().amax(), E4M3, margin, one)
+    w_fp8, w_fp8_t = cast(w.detach(), E4M3, scale, None, None, transpose=True)
+    return w_fp8, w_fp8_t, 1.0 / scale
+
+
+@torch.no_grad()
+def accumulate_fp8_grad(grad_fp8, grad_scale_inv, grad_amax, g_t, g_si, x_t, x_si):
+    """grad += g_t @ x_t^T, kept as FP8 E4M3 + scale: dequantize the running sum into FP32, add the
+    wgrad GEMM (N, Mp) x (K, Mp)^T into it, re-quantize with the sum's own amax."""
+    empty = grad_scale_inv == 0  # an all-empty grad has scale_inv 0 (zero_fp8_grads)
+    acc = torch.where(empty, torch.zeros_like(grad_scale_inv), grad_fp8.float() * grad_scale_inv)  # (N, K) fp32
+    gemm(g_t, x_t, g_si, x_si, out=acc)
+    amax = acc.abs().amax()
+    grad_amax.copy_(amax.reshape(1))  # NaN/Inf here makes the trainer skip the step
+    scale = amax_to_scale(amax, E4M3, 0, torch.ones_like(grad_scale_inv))
+    data, _ = cast(acc, E4M3, scale, None, None)
+    grad_fp8.copy_(data)
+    grad_scale_inv.copy_(1.0 / scale)
+
+
+class _FP8LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, g_meta, x_meta_t, g_meta_t, grad_bufs):
+        # x_meta_t / g_meta_t: (scale, scale_inv, amax slot, stats) of the input / grad_output casts
+        x_scale, x_si, x_amax, x_stats = x_meta_t
+        K = x.shape[-1]
+        x2 = x.reshape(-1, K)  # (M, K)
+        need_wgrad = weight.requires_grad
+        x_fp8, x_fp8_t = cast(x2, E4M3, x_scale, x_amax, x_stats, transpose=need_wgrad, pad_t=PAD_TOKENS)
+        w_fp8, w_fp8_t, w_si = cast_weight(weight)
+        out_dtype = torch.get_autocast_dtype("cuda" if x.is_cuda else "cpu") \
+            if torch.is_autocast_enabled(x.device.type) else x.dtype
+        out = gemm(x_fp8, w_fp8, x_si, w_si, out_dtype, bias)  # (M, N)
+        # FP8 copies are what backward needs: 1 byte per element instead of BF16's 2
+        ctx.save_for_backward(x_fp8_t, x_si, w_fp8_t, w_si, *g_meta_t, *grad_bufs)
+        ctx.g_meta = g_meta  # to prime it on the first backward
+        ctx.x_shape, ctx.has_bias, ctx.need_wgrad, ctx.M = x.shape, bias is not None, need_wgrad, x2.shape[0]
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x_t, x_si, w_t, w_si, g_scale, g_si, g_amax, g_stats, grad_fp8, grad_si, grad_amax = ctx.saved_tensors
+        N = grad_output.shape[-1]
+        g2 = grad_output.reshape(-1, N)  # (M, N)
+        if g2.dtype not in kernels.HP_DTYPES:
+            g2 = g2.float()
+        if not ctx.g_meta.primed:
+            ctx.g_meta.prime(g2)
+        ctx.g_meta.numel += g2.numel()
+        g_fp8, g_fp8_t = cast(g2, E5M2, g_scale, g_amax, g_stats, transpose=ctx.need_wgrad, pad_t=PAD_TOKENS)
+        grad_x = gemm(g_fp8, w_t, g_si, w_si, grad_output.dtype)  # (M, N) x (K, N)^T -> (M, K)
+        if ctx.need_wgrad:
+            accumulate_fp8_grad(grad_fp8, grad_si, grad_amax, g_fp8_t, g_si, x_t, x_si)  # (N, K)
+        grad_b = g2.float().sum(0).to(ctx.bias_dtype) if ctx.has_bias else None
+        return grad_x.view(ctx.x_shape), None, grad_b, None, None, None, None
+
+
+class FP8Linear(nn.Linear):
+    """nn.Linear whose three GEMMs run in FP8. Weight held in `weight_dtype` (FP16 at levels >= 1);
+    its gradient lands in the FP8 buffers weight_grad_fp8 / weight_grad_scale_inv (see fp8_grad)."""
+
+    def __init__(self, in_features, out_features, bias=True, device=None, weight_dtype=torch.float16,
+                 history_len=16, margin=0):
+        if in_features % MIN_FP8_FEATURES or out_features % MIN_FP8_FEATURES:
+            raise ValueError(f"FP8Linear needs in/out features divisible by {MIN_FP8_FEATURES}, got "
+                             f"{in_features}x{out_features}; keep this layer in BF16 (convert_to_fp8's filter)")
+        super().__init__(in_features, out_features, bias=bias, device=device)
+        self.weight.data = self.weight.data.to(weight_dtype)
+        self.x_meta = ScalingMeta(E4M3, history_len, margin)
+        self.g_meta = ScalingMeta(E5M2, history_len, margin)
+        self.register_buffer("weight_grad_fp8", torch.zeros(out_features, in_features, dtype=E4M3, device=device))
+        self.register_buffer("weight_grad_scale_inv", torch.zeros(1, device=device))  # 0 = no gradient yet
+        self.register_buffer("weight_grad_amax", torch.zeros(1, device=device))
+        self.weight._fp8_owner = self  # fp8_grad(p) finds the buffers through this
+
+    def forward(self, x):
+        if not self.x_meta.primed:
+            self.x_meta.prime(x)
+        self.x_meta.numel += x.numel()
+        m, g = self.x_meta, self.g_meta
+        return _FP8LinearFn.apply(
+            x, self.weight, self.bias, g,
+            (m.scale, m.scale_inv, m.amax_history[:1], m.stats),
+            (g.scale, g.scale_inv, g.amax_history[:1], g.stats),
+            (self.weight_grad_fp8, self.weight_grad_scale_inv, self.weight_grad_amax),
+        )
+
+    def extra_repr(self):
+        return super().extra_repr() + f", weight_dtype={self.weight.dtype}, fp8=E4M3/E5M2"
+
+
+def fp8_grad(p: torch.Tensor) -> Optional[FP8Tensor]:
+    """The FP8 gradient of an FP8Linear weight (None when p is not one or holds no gradient)."""
+    owner = getattr(p, "_fp8_owner", None)
+    if owner is None:
+        return None
+    return FP8Tensor(owner.weight_grad_fp8, owner.weight_grad_scale_inv)
+
+
+def is_fp8_param(p: torch.Tensor) -> bool:
+    return getattr(p, "_fp8_owner", None) is not None
+
+
+@torch.no_grad()
+def zero_fp8_grads(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, FP8Linear):
+            m.weight_grad_scale_inv.zero_()
+            m.weight_grad_amax.zero_()
+
+
+@torch.no_grad()
+def update_scaling(model: nn.Module) -> None:
+    """Once per optimizer step: every ScalingMeta turns its amax history into its next scale."""
+    for m in model.modules():
+        if isinstance(m, ScalingMeta):
+            m.update()
+
+
+def default_filter(name: str, module: nn.Linear) -> bool:
+    """Convert every Linear except the LM head and layers too small for FP8 tensor cores."""
+    if name.split(".")[-1] in ("lm_head", "head", "output"):
+        return False
+    return module.in_features % MIN_FP8_FEATURES == 0 and module.out_features % MIN_FP8_FEATURES == 0
+
+
+def convert_to_fp8(model: nn.Module, level: int = 1, filter_fn: Callable[[str, nn.Linear], bool] = default_filter,
+                   history_len: int = 16, margin: int = 0) -> nn.Module:
+    """Swap nn.Linear -> FP8Linear in place (level >= 1); level 0 returns the model unchanged."""
+    if level not in FP8_LEVELS:
+        raise ValueError(f"fp8 level must be one of {FP8_LEVELS}, got {level}")
+    if level == 0:
+        return model
+    for name, mod in list(model.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is nn.Linear and filter_fn(full, child):
+                new = FP8Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                device=child.weight.device, history_len=history_len, margin=margin)
+                with torch.no_grad():
+                    new.weight.copy_(child.weight)
+                    if child.bias is not None:
+                        new.bias.copy_(child.bias)
+                setattr(mod, child_name, new)
+    return model

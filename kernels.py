@@ -1,0 +1,381 @@
+"""
+kernels.py: the Triton kernels of nanoFP8, each with a pure-torch reference of the same function.
+
+  cast_to_fp8  one pass over a BF16/FP16/FP32 matrix: multiply by the (delayed) scale, saturate,
+               write E4M3 or E5M2, optionally a transposed copy too (the backward GEMMs need both
+               FP8 operands K-major), and atomically record the tensor's amax into a history slot.
+  fp8_gemm     (M,K) x (N,K)^T -> (M,N) with FP32 accumulation and both scale_inv applied in the
+               epilogue (+ bias, + accumulate into the output). On Hopper a persistent kernel that
+               loads tiles through TMA descriptors; elsewhere a plain tiled kernel.
+
+FP8-LM (arXiv 2310.18313) section 2.1 and DESIGN.md "Numerics conventions": x_fp8 = sat(x * scale),
+x ~= x_fp8 * scale_inv. The wrappers dispatch: CUDA tensors (or TRITON_INTERPRET=1) -> Triton,
+CPU tensors -> the torch reference, so the same model trains on a laptop.
+"""
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+FP8_DTYPES = (E4M3, E5M2)
+HP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the cast reads
+K_ALIGN = 16  # FP8 tensor-core GEMMs (cuBLAS and TMA) need 16-byte aligned rows of the K-major operands
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Triton on CUDA tensors, or on CPU tensors under the Triton interpreter (tests)."""
+    return t.is_cuda or INTERPRET
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).max)
+
+
+def round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+# ----------------------------------------------------------------------------------------------
+# cast: amax + scale + saturate + cast (+ transpose), one read of x
+
+
+@triton.jit
+def _round_to_fp8_grid(v, MANT: tl.constexpr, MIN_EXP: tl.constexpr):
+    """Round fp32 v to the nearest FP8 value (ties to even) in fp32 arithmetic.
+
+    Only for the Triton interpreter, whose float8 conversion drops the carry of a rounding that
+    overflows the mantissa (7.9 -> 4.0 in E4M3): after this the conversion is exact. On the GPU
+    the hardware conversion rounds correctly and this is compiled out."""
+    DROP: tl.constexpr = 23 - MANT
+    bits = v.to(tl.int32, bitcast=True)
+    bits = bits + ((1 << (DROP - 1)) - 1) + ((bits >> DROP) & 1)  # RNE; a carry bumps the exponent
+    normal = (bits & ~((1 << DROP) - 1)).to(tl.float32, bitcast=True)
+    # below the smallest normal the grid step is fixed: (v + C) - C rounds to it (fp32 RNE)
+    C: tl.constexpr = 1.5 * 2.0 ** (MIN_EXP - MANT + 23)
+    sub = (v + C) - C
+    sub = tl.where(sub == 0, v * 0.0, sub)  # keep the sign of zero
+    return tl.where(tl.abs(v) < 2.0 ** MIN_EXP, sub, tl.where(v == v, normal, v))
+
+
+@triton.jit
+def _cast_kernel(
+    x_ptr, y_ptr, yt_ptr, scale_ptr, amax_ptr, stats_ptr,  # pointers
+    M, N, MT,  # sizes: x is (M, N); y_t is (N, MT) with MT >= M, columns M..MT-1 zero-filled
+    stride_xm, stride_xn,  # strides of x (y and y_t are contiguous)
+    FP8_MAX: tl.constexpr, FP8_MIN_SUB: tl.constexpr,  # largest value, smallest subnormal of the format
+    TRANSPOSE: tl.constexpr, HAS_AMAX: tl.constexpr, HAS_STATS: tl.constexpr,
+    EXACT_ROUND: tl.constexpr, MANT: tl.constexpr, MIN_EXP: tl.constexpr,  # interpreter fix-up
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_x = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=in_x, other=0.0)
+    x = x.to(tl.float32)
+    if HAS_AMAX:
+        # NaN would poison atomic max unpredictably: count it as +inf, which the meta reports
+        ax = tl.where(x == x, tl.abs(x), float("inf"))
+        tl.atomic_max(amax_ptr, tl.max(tl.max(ax, axis=1), axis=0))
+    scale = tl.load(scale_ptr)
+    xs = x * scale
+    if HAS_STATS:  # saturated and flushed-to-zero counts, for monitoring
+        n_sat = tl.sum(tl.sum((tl.abs(xs) >= FP8_MAX).to(tl.int32), axis=1), axis=0)
+        n_ftz = tl.sum(tl.sum(((x != 0) & (tl.abs(xs) < FP8_MIN_SUB * 0.5)).to(tl.int32), axis=1), axis=0)
+        tl.atomic_add(stats_ptr, n_sat)
+        tl.atomic_add(stats_ptr + 1, n_ftz)
+    # saturate (clamp before every cast: the conversion itself may not), NaN stays NaN
+    y = tl.clamp(xs, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    if EXACT_ROUND:
+        y = _round_to_fp8_grid(y, MANT, MIN_EXP)
+    y = y.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], y, mask=in_x)
+    if TRANSPOSE:
+        # y_t[n, m] = y[m, n]; rows of y_t are padded to MT (zeros) so they stay 16-byte aligned
+        in_t = (offs_m[:, None] < MT) & (offs_n[None, :] < N)
+        tl.store(yt_ptr + offs_n[None, :] * MT + offs_m[:, None], y, mask=in_t)
+
+
+def cast_to_fp8_ref(x, fp8_dtype, scale, amax=None, transpose=False, pad_t=1, stats=None):
+    """Pure-torch reference of cast_to_fp8 (same arguments and results)."""
+    xf = x.float()
+    if amax is not None:
+        ax = torch.where(torch.isnan(xf), torch.full_like(xf, float("inf")), xf.abs())
+        amax.copy_(torch.maximum(amax, ax.amax() if ax.numel() else torch.zeros_like(amax)))
+    fmax = fp8_max(fp8_dtype)
+    xs = xf * scale.float()
+    if stats is not None:
+        tiny = torch.finfo(fp8_dtype).smallest_normal * torch.finfo(fp8_dtype).eps  # smallest subnormal
+        stats[0] += (xs.abs() >= fmax).sum().to(stats.dtype)
+        stats[1] += ((xf != 0) & (xs.abs() < tiny * 0.5)).sum().to(stats.dtype)
+    y = xs.clamp(-fmax, fmax).to(fp8_dtype)  # clamp keeps NaN
+    y_t = None
+    if transpose:
+        M, N = x.shape
+        MT = round_up(M, pad_t)
+        y_t = torch.zeros(N, MT, dtype=fp8_dtype, device=x.device)
+        y_t[:, :M] = y.t()
+    return y, y_t
+
+
+def cast_to_fp8(
+    x: torch.Tensor,
+    fp8_dtype: torch.dtype,
+    scale: torch.Tensor,
+    amax: Optional[torch.Tensor] = None,
+    transpose: bool = False,
+    pad_t: int = 1,
+    stats: Optional[torch.Tensor] = None,
+):
+    """x (M, N) HP -> (x_fp8 (M, N), x_fp8_t (N, round_up(M, pad_t)) or None).
+
+    scale: float32 tensor of 1 element (device). amax: float32 tensor of 1 element, updated with
+    max(amax, max|x|) (NaN counts as inf). stats: int32 tensor of 2, += (#saturated, #flushed to 0).
+    """
+    assert x.dim() == 2, f"cast_to_fp8 takes a 2-D tensor, got shape {tuple(x.shape)}"
+    assert x.dtype in HP_DTYPES, f"cast_to_fp8 reads float32/bfloat16/float16, got {x.dtype}"
+    assert fp8_dtype in FP8_DTYPES, f"fp8_dtype must be E4M3 or E5M2, got {fp8_dtype}"
+    assert scale.numel() == 1 and scale.dtype == torch.float32 and scale.device == x.device
+    assert amax is None or (amax.numel() == 1 and amax.dtype == torch.float32 and amax.is_contiguous())
+    assert stats is None or (stats.numel() == 2 and stats.dtype == torch.int32)
+    if not use_triton(x):
+        return cast_to_fp8_ref(x, fp8_dtype, scale, amax, transpose, pad_t, stats)
+    M, N = x.shape
+    MT = round_up(M, pad_t) if transpose else M
+    y = torch.empty(M, N, dtype=fp8_dtype, device=x.device)
+    y_t = torch.empty(N, MT, dtype=fp8_dtype, device=x.device) if transpose else None
+    fi = torch.finfo(fp8_dtype)
+    # 64x128 tiles: 16 KB of bf16 per program, enough bytes in flight per SM; the transposed
+    # store goes through shared memory (layout conversion by the compiler)
+    BM, BN = (64, 128) if not INTERPRET else (16, 32)
+    grid = (triton.cdiv(MT, BM), triton.cdiv(N, BN))
+    _cast_kernel[grid](
+        x, y, y_t if transpose else y, scale, amax if amax is not None else scale,
+        stats if stats is not None else scale,
+        M, N, MT, x.stride(0), x.stride(1),
+        FP8_MAX=fi.max, FP8_MIN_SUB=fi.smallest_normal * fi.eps,
+        TRANSPOSE=transpose, HAS_AMAX=amax is not None, HAS_STATS=stats is not None,
+        EXACT_ROUND=INTERPRET, MANT=3 if fp8_dtype == E4M3 else 2, MIN_EXP=-6 if fp8_dtype == E4M3 else -14,
+        BLOCK_M=BM, BLOCK_N=BN, num_warps=8 if not INTERPRET else 1,
+    )
+    return y, y_t
+
+
+# ----------------------------------------------------------------------------------------------
+# GEMM: C = (A @ B^T) * a_scale_inv * b_scale_inv (+ bias) (+ C)
+
+
+@triton.jit
+def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    # grouped ordering: GROUP_M row-tiles share B tiles in L2 while they are hot
+    num_in_group = GROUP_M * num_pid_n
+    group_id = tile_id // num_in_group
+    first_m = group_id * GROUP_M
+    group_size = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile_id % num_in_group) % group_size
+    pid_n = (tile_id % num_in_group) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def _epilogue(acc, scale, bias_ptr, c_ptr, offs_m, offs_n, M, N, stride_cm,
+              HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr):
+    acc = acc * scale
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if ACCUMULATE:
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        acc += tl.load(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _gemm_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr, a_si_ptr, b_si_ptr,  # pointers
+    M, N, K,  # sizes
+    stride_am, stride_bn, stride_cm,  # row strides (K and N are contiguous)
+    HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Portable tiled FP8 GEMM (Ada, Hopper without TMA, the interpreter)."""
+    pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]  # (BM, BK)
+    b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None]  # (BK, BN): B^T tile
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_n[None, :] < N) & (offs_k[:, None] < k_left), other=0.0)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    scale = tl.load(a_si_ptr) * tl.load(b_si_ptr)
+    acc = _epilogue(acc, scale, bias_ptr, c_ptr, offs_m, offs_n, M, N, stride_cm, HAS_BIAS, ACCUMULATE)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def _tma_hook(nargs):
+    """Autotune pre-hook: the TMA descriptors' boxes follow the config's tile sizes."""
+    BM, BN, BK = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [BM, BK]
+    nargs["b_desc"].block_shape = [BN, BK]
+    nargs["c_desc"].block_shape = [BM, BN // nargs["EPI_SPLIT"]]
+
+
+def _tma_configs():
+    # Hopper: 128x256x128 with 8 warps (two consumer warpgroups) is the big-GEMM workhorse;
+    # 128x128 tiles fill the 132 SMs on the thin N=768 shapes. 4 warps at 128x256 spill.
+    cfgs = []
+    for BM, BN, BK, stages, warps in [(128, 256, 128, 4, 8), (128, 256, 128, 3, 8), (128, 128, 128, 4, 8),
+                                      (128, 128, 128, 5, 4), (256, 128, 128, 3, 8), (128, 64, 128, 6, 4)]:
+        for split in (1, 2):
+            cfgs.append(triton.Config({"BLOCK_M": BM, "BLOCK_N": BN, "BLOCK_K": BK, "GROUP_M": 8, "EPI_SPLIT": split},
+                                      num_stages=stages, num_warps=warps, pre_hook=_tma_hook))
+    return cfgs
+
+
+@triton.autotune(configs=_tma_configs(), key=["M", "N", "K", "HAS_BIAS", "ACCUMULATE"], restore_value=["c_ptr"])
+@triton.jit
+def _gemm_tma_kernel(
+    a_desc, b_desc, c_desc, c_ptr, bias_ptr, a_si_ptr, b_si_ptr,  # descriptors and pointers
+    M, N, K, stride_cm,  # sizes
+    HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, NUM_SMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EPI_SPLIT: tl.constexpr,
+):
+    """Persistent Hopper FP8 GEMM: one program per SM walks the tiles; TMA loads both K-major
+    operands into a multi-stage shared-memory ring; wgmma accumulates in FP32 registers; the
+    epilogue applies a_scale_inv * b_scale_inv (+bias, +C) and stores through TMA in EPI_SPLIT
+    column slices (smaller staging buffer, more stages for the main loop)."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_tiles = num_pid_m * num_pid_n
+    scale = tl.load(a_si_ptr) * tl.load(b_si_ptr)
+    SUB_N: tl.constexpr = BLOCK_N // EPI_SPLIT
+    # the loop nest is flattened and software-pipelined across tiles, so the epilogue recomputes
+    # its own tile coordinates from a second counter
+    tile_c = tl.program_id(0) - NUM_SMS
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True):
+        pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])  # (BM, BK)
+            b = b_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])  # (BN, BK)
+            acc = tl.dot(a, b.T, acc)
+        tile_c += NUM_SMS
+        pid_m, pid_n = _tile_coords(tile_c, num_pid_m, num_pid_n, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        if EPI_SPLIT == 1:
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            c = _epilogue(acc, scale, bias_ptr, c_ptr, offs_m, offs_n, M, N, stride_cm, HAS_BIAS, ACCUMULATE)
+            c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], c.to(c_desc.dtype))
+        else:
+            acc2 = tl.permute(tl.reshape(acc, (BLOCK_M, 2, SUB_N)), (0, 2, 1))
+            acc0, acc1 = tl.split(acc2)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, SUB_N)
+            c0 = _epilogue(acc0, scale, bias_ptr, c_ptr, offs_m, offs_n, M, N, stride_cm, HAS_BIAS, ACCUMULATE)
+            c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], c0.to(c_desc.dtype))
+            c1 = _epilogue(acc1, scale, bias_ptr, c_ptr, offs_m, offs_n + SUB_N, M, N, stride_cm, HAS_BIAS, ACCUMULATE)
+            c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + SUB_N], c1.to(c_desc.dtype))
+
+
+def fp8_gemm_ref(a, b, a_scale_inv, b_scale_inv, out_dtype=torch.bfloat16, bias=None, out=None):
+    """Pure-torch reference: dequantize, matmul in FP32, same epilogue."""
+    c = (a.float() @ b.float().t()) * (a_scale_inv.float() * b_scale_inv.float())
+    if bias is not None:
+        c = c + bias.float()
+    if out is not None:
+        out.copy_(out.float() + c)
+        return out
+    return c.to(out_dtype)
+
+
+def _has_tma(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+_NUM_SMS = {}
+
+
+def _scaled_mm(a, b, a_si, b_si, out_dtype, bias):
+    """cuBLAS FP8 GEMM through torch._scaled_mm (second backend; tests' cross-check)."""
+    kw = dict(scale_a=a_si.reshape(()).float(), scale_b=b_si.reshape(()).float(), out_dtype=out_dtype)
+    if bias is not None:
+        kw["bias"] = bias.to(out_dtype)
+    return torch._scaled_mm(a, b.t(), **kw)
+
+
+def fp8_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_scale_inv: torch.Tensor,
+    b_scale_inv: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    bias: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    backend: str = "triton",
+) -> torch.Tensor:
+    """a (M, K) FP8 x b (N, K) FP8 -> (M, N) out_dtype = (a @ b^T) * a_scale_inv * b_scale_inv (+bias).
+
+    With out= (M, N) the product is added to out in place (accumulate) and out is returned.
+    E4M3 x E4M3 or E5M2 x E4M3 (either order); both operands K-major (row-major, K contiguous).
+    """
+    assert a.dim() == 2 and b.dim() == 2, "fp8_gemm takes 2-D operands"
+    assert a.dtype in FP8_DTYPES and b.dtype in FP8_DTYPES, f"fp8_gemm needs FP8 operands, got {a.dtype}, {b.dtype}"
+    assert not (a.dtype == E5M2 and b.dtype == E5M2), "E5M2 x E5M2 is not a supported FP8 GEMM"
+    M, K = a.shape
+    N, K2 = b.shape
+    assert K == K2, f"inner dimensions differ: a {tuple(a.shape)}, b {tuple(b.shape)}"
+    if K % K_ALIGN:
+        raise ValueError(f"FP8 GEMM needs K % {K_ALIGN} == 0 (16-byte rows for the tensor cores), got K={K}; pad K")
+    assert a.stride(1) == 1 and b.stride(1) == 1, "both FP8 operands must be K-major (last dim contiguous)"
+    assert a_scale_inv.numel() == 1 and b_scale_inv.numel() == 1
+    assert out_dtype in (torch.bfloat16, torch.float32, torch.float16)
+    assert bias is None or (bias.shape == (N,) and bias.is_contiguous())
+    if out is not None:
+        assert out.shape == (M, N) and out.stride(1) == 1 and out.dtype in (torch.bfloat16, torch.float32)
+        out_dtype = out.dtype
+    if not use_triton(a):
+        return fp8_gemm_ref(a, b, a_scale_inv, b_scale_inv, out_dtype, bias, out)
+    if backend == "cublas" and out is None:
+        return _scaled_mm(a, b, a_scale_inv, b_scale_inv, out_dtype, bias)
+    c = out if out is not None else torch.empty(M, N, dtype=out_dtype, device=a.device)
+    if M == 0 or N == 0:
+        return c
+    if K == 0:
+        return c.zero_() if out is None else c
+    bias_arg = bias if bias is not None else a_scale_inv
+    if _has_tma(a) and not INTERPRET and (N * c.element_size()) % 16 == 0 and c.stride(0) == N:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        dev = a.device.index or 0
+        if dev not in _NUM_SMS:
+            _NUM_SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+        dummy = [1, 1]  # replaced by _tma_hook with the config's tile
+        a_desc = TensorDescriptor.from_tensor(a, dummy)
+        b_desc = TensorDescriptor.from_tensor(b, dummy)
+        c_desc = TensorDescriptor.from_tensor(c, dummy)
+        nsm = _NUM_SMS[dev]
+
+        def grid(meta):
+            return (min(nsm, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+
+        _gemm_tma_kernel[grid](a_desc, b_desc, c_desc, c, bias_arg, a_scale_inv, b_scale_inv, M, N, K, c.stride(0),
+                               HAS_BIAS=bias is not None, ACCUMULATE=out is not None, NUM_SMS=nsm)
+        return c
+    BM, BN, BK = (128, 128, 64) if not INTERPRET else (16, 16, 32)
+    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+    _gemm_kernel[grid](a, b, c, bias_arg, a_scale_inv, b_scale_inv, M, N, K, a.stride(0), b.stride(0), c.stride(0),
+                       HAS_BIAS=bias is not None, ACCUMULATE=out is not None,
+                       BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=8,
+                       num_warps=8 if not INTERPRET else 1, num_stages=4 if not INTERPRET else 1)
+    return c
