@@ -47,18 +47,18 @@ class ScalingMeta(nn.Module):
     """Delayed-scaling state of one cast site: amax history (slot 0 = the current step), the scale
     in use and its inverse, counts of non-finite amaxes and of saturated / flushed values."""
 
-    def __init__(self, fp8_dtype: torch.dtype, history_len: int = 16, margin: int = 0):
+    def __init__(self, fp8_dtype: torch.dtype, history_len: int = 16, margin: int = 0, device=None):
         super().__init__()
         if fp8_dtype not in (E4M3, E5M2):
             raise ValueError(f"fp8_dtype must be E4M3 or E5M2, got {fp8_dtype}")
         if history_len < 1:
             raise ValueError(f"history_len must be >= 1, got {history_len}")
         self.fp8_dtype, self.margin = fp8_dtype, margin
-        self.register_buffer("amax_history", torch.zeros(history_len))
-        self.register_buffer("scale", torch.ones(1))
-        self.register_buffer("scale_inv", torch.ones(1))
-        self.register_buffer("n_nonfinite", torch.zeros(1, dtype=torch.int64))
-        self.register_buffer("stats", torch.zeros(2, dtype=torch.int32))  # this step: saturated, flushed to 0
+        self.register_buffer("amax_history", torch.zeros(history_len, device=device))
+        self.register_buffer("scale", torch.ones(1, device=device))
+        self.register_buffer("scale_inv", torch.ones(1, device=device))
+        self.register_buffer("n_nonfinite", torch.zeros(1, dtype=torch.int64, device=device))
+        self.register_buffer("stats", torch.zeros(2, dtype=torch.int32, device=device))  # this step: saturated, flushed to 0
         self.primed = False  # the very first cast scales by its own amax (no history yet)
         self.numel = 0  # elements cast since the last read of the stats (host counter)
 
@@ -214,7 +214,7 @@ class _FP8LinearFn(torch.autograd.Function):
         out = gemm(x_fp8, w_fp8, x_si, w_si, out_dtype, bias)  # (M, N)
         # FP8 copies are what backward needs: 1 byte per element instead of BF16's 2
         ctx.save_for_backward(x_fp8_t, x_si, w_fp8_t, w_si, *g_meta_t, *grad_bufs)
-        ctx.g_meta = g_meta  # to prime it on the first backward
+        ctx.g_meta = g_meta  # not None: prime it on this backward (eager first step only)
         ctx.x_shape, ctx.has_bias, ctx.need_wgrad, ctx.M = x.shape, bias is not None, need_wgrad, x2.shape[0]
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -226,9 +226,8 @@ class _FP8LinearFn(torch.autograd.Function):
         g2 = grad_output.reshape(-1, N)  # (M, N)
         if g2.dtype not in kernels.HP_DTYPES:
             g2 = g2.float()
-        if not ctx.g_meta.primed:
+        if ctx.g_meta is not None:
             ctx.g_meta.prime(g2)
-        ctx.g_meta.numel += g2.numel()
         g_fp8, g_fp8_t = cast(g2, E5M2, g_scale, g_amax, g_stats, transpose=ctx.need_wgrad, pad_t=PAD_TOKENS)
         grad_x = gemm(g_fp8, w_t, g_si, w_si, grad_output.dtype)  # (M, N) x (K, N)^T -> (M, K)
         if ctx.need_wgrad:
@@ -248,8 +247,8 @@ class FP8Linear(nn.Linear):
                              f"{in_features}x{out_features}; keep this layer in BF16 (convert_to_fp8's filter)")
         super().__init__(in_features, out_features, bias=bias, device=device)
         self.weight.data = self.weight.data.to(weight_dtype)
-        self.x_meta = ScalingMeta(E4M3, history_len, margin)
-        self.g_meta = ScalingMeta(E5M2, history_len, margin)
+        self.x_meta = ScalingMeta(E4M3, history_len, margin, device)
+        self.g_meta = ScalingMeta(E5M2, history_len, margin, device)
         self.register_buffer("weight_grad_fp8", torch.zeros(out_features, in_features, dtype=E4M3, device=device))
         self.register_buffer("weight_grad_scale_inv", torch.zeros(1, device=device))  # 0 = no gradient yet
         self.register_buffer("weight_grad_amax", torch.zeros(1, device=device))
@@ -258,10 +257,14 @@ class FP8Linear(nn.Linear):
     def forward(self, x):
         if not self.x_meta.primed:
             self.x_meta.prime(x)
-        self.x_meta.numel += x.numel()
         m, g = self.x_meta, self.g_meta
+        m.numel += x.numel()
+        if torch.is_grad_enabled():
+            g.numel += x.numel() // self.in_features * self.out_features
+        # under torch.compile a model that was never run eagerly starts from scale 1 (as TE does)
+        prime_g = not g.primed and not torch.compiler.is_compiling() and torch.is_grad_enabled()
         return _FP8LinearFn.apply(
-            x, self.weight, self.bias, g,
+            x, self.weight, self.bias, g if prime_g else None,
             (m.scale, m.scale_inv, m.amax_history[:1], m.stats),
             (g.scale, g.scale_inv, g.amax_history[:1], g.stats),
             (self.weight_grad_fp8, self.weight_grad_scale_inv, self.weight_grad_amax),

@@ -45,11 +45,7 @@ def round_up(x: int, m: int) -> int:
 
 @triton.jit
 def _round_to_fp8_grid(v, MANT: tl.constexpr, MIN_EXP: tl.constexpr):
-    """Round fp32 v to the nearest FP8 value (ties to even) in fp32 arithmetic.
-
-    Only for the Triton interpreter, whose float8 conversion drops the carry of a rounding that
-    overflows the mantissa (7.9 -> 4.0 in E4M3): after this the conversion is exact. On the GPU
-    the hardware conversion rounds correctly and this is compiled out."""
+    """Round fp32 v to the nearest FP8 value (ties to even) in fp32 arithmetic."""
     DROP: tl.constexpr = 23 - MANT
     bits = v.to(tl.int32, bitcast=True)
     bits = bits + ((1 << (DROP - 1)) - 1) + ((bits >> DROP) & 1)  # RNE; a carry bumps the exponent
@@ -62,13 +58,32 @@ def _round_to_fp8_grid(v, MANT: tl.constexpr, MIN_EXP: tl.constexpr):
 
 
 @triton.jit
+def _soft_fp8(v, MANT: tl.constexpr, MIN_EXP: tl.constexpr):
+    """Saturated fp32 -> FP8 bits by integer arithmetic (RNE, NaN kept), returned as uint8.
+
+    Used where the hardware conversion cannot be trusted: Triton 3.6 miscompiles fp32 -> fp8 for
+    some register layouts (half the elements come out wrong; bf16/fp16 sources are fine, measured
+    on H100), and the interpreter's conversion drops rounding carries (7.9 -> 4.0) and NaN."""
+    BIAS: tl.constexpr = 1 - MIN_EXP
+    v = _round_to_fp8_grid(v, MANT, MIN_EXP)
+    b = v.to(tl.int32, bitcast=True)
+    sign = (b >> 24) & 0x80
+    e = ((b >> 23) & 0xFF) - 127 + BIAS
+    normal = (e << MANT) | ((b & 0x7FFFFF) >> (23 - MANT))
+    sub = (tl.abs(v) * (2.0 ** (BIAS - 1 + MANT))).to(tl.int32)  # exact: v is on the subnormal grid
+    field = tl.where(e >= 1, normal, sub)
+    field = tl.where(v == v, field, 0x7F)  # NaN in both E4M3FN and E5M2
+    return (sign | field).to(tl.uint8)
+
+
+@triton.jit
 def _cast_kernel(
     x_ptr, y_ptr, yt_ptr, scale_ptr, amax_ptr, stats_ptr,  # pointers
     M, N, MT,  # sizes: x is (M, N); y_t is (N, MT) with MT >= M, columns M..MT-1 zero-filled
     stride_xm, stride_xn,  # strides of x (y and y_t are contiguous)
     FP8_MAX: tl.constexpr, FP8_MIN_SUB: tl.constexpr,  # largest value, smallest subnormal of the format
     TRANSPOSE: tl.constexpr, HAS_AMAX: tl.constexpr, HAS_STATS: tl.constexpr,
-    EXACT_ROUND: tl.constexpr, MANT: tl.constexpr, MIN_EXP: tl.constexpr,  # interpreter fix-up
+    SOFT_CVT: tl.constexpr, MANT: tl.constexpr, MIN_EXP: tl.constexpr,  # see _soft_fp8
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -91,9 +106,10 @@ def _cast_kernel(
         tl.atomic_add(stats_ptr + 1, n_ftz)
     # saturate (clamp before every cast: the conversion itself may not), NaN stays NaN
     y = tl.clamp(xs, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-    if EXACT_ROUND:
-        y = _round_to_fp8_grid(y, MANT, MIN_EXP)
-    y = y.to(y_ptr.dtype.element_ty)
+    if SOFT_CVT:
+        y = _soft_fp8(y, MANT, MIN_EXP).to(y_ptr.dtype.element_ty, bitcast=True)
+    else:
+        y = y.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], y, mask=in_x)
     if TRANSPOSE:
         # y_t[n, m] = y[m, n]; rows of y_t are padded to MT (zeros) so they stay 16-byte aligned
@@ -160,7 +176,7 @@ def cast_to_fp8(
         M, N, MT, x.stride(0), x.stride(1),
         FP8_MAX=fi.max, FP8_MIN_SUB=fi.smallest_normal * fi.eps,
         TRANSPOSE=transpose, HAS_AMAX=amax is not None, HAS_STATS=stats is not None,
-        EXACT_ROUND=INTERPRET, MANT=3 if fp8_dtype == E4M3 else 2, MIN_EXP=-6 if fp8_dtype == E4M3 else -14,
+        SOFT_CVT=INTERPRET or x.dtype == torch.float32, MANT=3 if fp8_dtype == E4M3 else 2, MIN_EXP=-6 if fp8_dtype == E4M3 else -14,
         BLOCK_M=BM, BLOCK_N=BN, num_warps=8 if not INTERPRET else 1,
     )
     return y, y_t

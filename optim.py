@@ -1,0 +1,437 @@
+"""
+optim.py: FP8AdamW, AdamW with decoupled precision (FP8-LM, arXiv 2310.18313, section 2.3).
+
+Gradient statistics tolerate low precision, master weights do not. Per FP8Linear weight
+(fp8.is_fp8_param) the optimizer keeps, at level 2:
+  weight FP16 (it IS the master: 2 B) + grad FP8 E4M3 + scale (1 B, fp8.fp8_grad)
+  + m1 FP8 E4M3 + per-tensor scale (1 B) + m2 FP16 + per-tensor scale (2 B) = 6 B/param (vs 16).
+Level 1 keeps FP32 m1/m2; master_dtype=torch.float32 adds a separate FP32 master (+4 B).
+Every other parameter (embeddings, norms, biases, LM head) uses p.grad and FP32 states.
+
+One pass per step: a fused Triton kernel reads grad, weight/master, m1, m2 once and writes them once,
+plus the amax of the new m1/m2, for many tensors per launch (a pointer table), with no host sync.
+The new scales are needed before the new moments exist; they come from a bound that cannot be
+exceeded: |m1'| <= b1 |m1| + (1 - b1) |g| with |m1| <= last step's stored amax and
+|g| <= 448 * grad_scale_inv (the FP8 grad's own power-of-two scale), likewise for m2 with g^2.
+So the scale is delayed (previous amax) with an exact margin, and saturation cannot happen.
+
+Usage:
+    opt = FP8AdamW(model.parameters(), lr=6e-4, **LEVEL_DTYPES[2])
+    grad_scale, found_inf, norm = clip_and_check(model.parameters(), max_norm=1.0)
+    opt.step(grad_scale=grad_scale, found_inf=found_inf); opt.zero_grad()
+"""
+from typing import Callable, Iterable, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+import fp8
+import kernels
+from kernels import E4M3
+
+STATE_DTYPES = (E4M3, torch.float16, torch.float32)  # m1 / m2 storage
+MASTER_DTYPES = (torch.float16, torch.float32)  # float16: the FP16 weight is the master
+LEVEL_DTYPES = {  # FP8AdamW(..., **LEVEL_DTYPES[level]); DESIGN.md "Levels"
+    1: dict(master_dtype=torch.float16, m1_dtype=torch.float32, m2_dtype=torch.float32),
+    2: dict(master_dtype=torch.float16, m1_dtype=E4M3, m2_dtype=torch.float16),
+}
+CLIP_EPS = 1e-6  # clip coefficient max_norm / (norm + eps), as torch.nn.utils.clip_grad_norm_
+# elements per program: 8 warps x 8 fp16 = 16-byte accesses; in the interpreter each program costs ~10 ms
+ADAM_BLOCK = 2048 if not kernels.INTERPRET else 4096
+SUMSQ_BLOCK = 4096
+# per-tensor scalars of one launch, rows of a float32 (N_META, n) table
+G_SI, ACTIVE, M1_SI, M1_SCALE, M1_SI_NEW, M2_SI, M2_SCALE, M2_SI_NEW, STEP_SIZE, BC2_SQRT = range(10)
+N_META = 10
+# columns of the int64 (n, 8) pointer table: data pointers, then sizes
+T_W, T_G, T_M1, T_M2, T_MASTER, T_NUMEL, T_FIRST_BLOCK, T_HAS_GRAD = range(8)
+
+
+def is_scaled(dtype: torch.dtype) -> bool:
+    """FP8 and FP16 moments carry a per-tensor power-of-two scale; FP32 ones do not."""
+    return dtype in (E4M3, torch.float16)
+
+
+def pow2_scale(bound: torch.Tensor, dtype: torch.dtype, prev_scale: torch.Tensor) -> torch.Tensor:
+    """Vectorized fp8.amax_to_scale (margin 0): 2^floor(log2(fmax / bound)) float32 (n,), in float64;
+    a bound of 0 or non-finite keeps prev_scale."""
+    b = bound.double()
+    ok = torch.isfinite(b) & (b > 0)
+    exp = torch.floor(torch.log2(torch.finfo(dtype).max / torch.where(ok, b, torch.ones_like(b))))
+    return torch.where(ok, torch.exp2(exp.clamp(-126, 126)), prev_scale.double()).float()
+
+
+# ---- fused Adam kernel (to move into kernels.py) ----
+# One program = BLOCK elements of one tensor. block_map[pid] names the tensor; its row of the pointer
+# table gives the data pointers (int64 -> typed pointer; the first tensor of each kind is passed only
+# for its element type), numel and first block. An inactive tensor (no grad, or found_inf) has every
+# load and store masked off, so a skipped step touches nothing. Divisions and square roots are the
+# IEEE-rounded ones (div_rn, sqrt_rn) so that the torch reference below agrees bit for bit in the
+# interpreter; on the GPU, FMA contraction leaves 1-ulp fp32 differences.
+
+
+@triton.jit
+def _store_state(ptr, offs, mask, x, scale, SCALED: tl.constexpr, FMAX: tl.constexpr, IS_FP8: tl.constexpr,
+                 EXACT_ROUND: tl.constexpr):
+    """x (fp32) -> storage dtype (x * scale, saturated); returns max |stored| in scaled units."""
+    if SCALED:
+        x = tl.clamp(x * scale, -FMAX, FMAX, propagate_nan=tl.PropagateNan.ALL)
+    if EXACT_ROUND and IS_FP8:
+        x = kernels._round_to_fp8_grid(x, 3, -6)
+    q = x.to(ptr.dtype.element_ty)
+    tl.store(ptr + offs, q, mask=mask)
+    return tl.max(tl.abs(q.to(tl.float32)), axis=0)
+
+
+@triton.jit
+def _adam_kernel(
+    table_ptr, block_ptr, meta_ptr, amax_ptr,  # int64 (n, 8), int32 (nblocks,), float32 (N_META, n), (2, n)
+    w0_ptr, g0_ptr, m10_ptr, m20_ptr, master0_ptr,  # element types of the columns
+    n, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay,  # sizes and hyperparameters
+    M1_SCALED: tl.constexpr, M1_MAX: tl.constexpr, M1_FP8: tl.constexpr,
+    M2_SCALED: tl.constexpr, M2_MAX: tl.constexpr, M2_FP8: tl.constexpr,
+    HAS_MASTER: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(block_ptr + pid).to(tl.int64)
+    row = table_ptr + t * 8
+    offs = (pid - tl.load(row + 6)) * BLOCK + tl.arange(0, BLOCK)
+    numel = tl.where(tl.load(meta_ptr + 1 * n + t) != 0, tl.load(row + 5), 0)  # ACTIVE: else all masked off
+    mask = offs < numel
+    w_ptr = tl.multiple_of(tl.load(row + 0).to(tl.pointer_type(w0_ptr.dtype.element_ty)), 16)
+    g_ptr = tl.multiple_of(tl.load(row + 1).to(tl.pointer_type(g0_ptr.dtype.element_ty)), 16)
+    m1_ptr = tl.multiple_of(tl.load(row + 2).to(tl.pointer_type(m10_ptr.dtype.element_ty)), 16)
+    m2_ptr = tl.multiple_of(tl.load(row + 3).to(tl.pointer_type(m20_ptr.dtype.element_ty)), 16)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(meta_ptr + t)  # G_SI
+    m = tl.load(m1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(m2_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if M1_SCALED:
+        m = m * tl.load(meta_ptr + 2 * n + t)  # M1_SI
+    if M2_SCALED:
+        v = v * tl.load(meta_ptr + 5 * n + t)  # M2_SI
+    if HAS_MASTER:
+        master_ptr = tl.multiple_of(tl.load(row + 4).to(tl.pointer_type(master0_ptr.dtype.element_ty)), 16)
+        w = tl.load(master_ptr + offs, mask=mask, other=0.0)
+    else:
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # AdamW (torch's order): decay, moments, w -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
+    m = m + one_minus_beta1 * (g - m)
+    v = v * beta2 + one_minus_beta2 * g * g
+    w = w * decay
+    denom = tl.div_rn(tl.sqrt_rn(v), tl.load(meta_ptr + 9 * n + t)) + eps  # BC2_SQRT
+    w = w - tl.load(meta_ptr + 8 * n + t) * tl.div_rn(m, denom)  # STEP_SIZE
+    if HAS_MASTER:
+        tl.store(master_ptr + offs, w, mask=mask)
+    tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=mask)
+    a1 = _store_state(m1_ptr, offs, mask, m, tl.load(meta_ptr + 3 * n + t), M1_SCALED, M1_MAX, M1_FP8, EXACT_ROUND)
+    a2 = _store_state(m2_ptr, offs, mask, v, tl.load(meta_ptr + 6 * n + t), M2_SCALED, M2_MAX, M2_FP8, EXACT_ROUND)
+    if M1_SCALED:
+        tl.atomic_max(amax_ptr + t, a1 * tl.load(meta_ptr + 4 * n + t))  # M1_SI_NEW: power of 2, exact
+    if M2_SCALED:
+        tl.atomic_max(amax_ptr + n + t, a2 * tl.load(meta_ptr + 7 * n + t))
+
+
+@triton.jit
+def _sumsq_kernel(table_ptr, block_ptr, out_ptr, g0_ptr, BLOCK: tl.constexpr):
+    """out[pid] = sum of squares of one block of one tensor (per block, so the sum is deterministic)."""
+    pid = tl.program_id(0)
+    row = table_ptr + tl.load(block_ptr + pid).to(tl.int64) * 8
+    offs = (pid - tl.load(row + 6)) * BLOCK + tl.arange(0, BLOCK)
+    g_ptr = tl.multiple_of(tl.load(row + 1).to(tl.pointer_type(g0_ptr.dtype.element_ty)), 16)
+    g = tl.load(g_ptr + offs, mask=offs < tl.load(row + 5), other=0.0).to(tl.float32)
+    tl.store(out_ptr + pid, tl.sum(g * g, axis=0))
+
+
+_TABLES: dict = {}  # pointer tables by (pointers, block): rebuilt only when a tensor moves
+
+
+def pointer_table(cols: list, has_grad: list, block: int):
+    """cols: 5 lists (w, g, m1, m2, master) of n tensors -> (int64 (n, 8) table, int32 block map, nblocks)."""
+    key = (tuple(t.data_ptr() for c in cols for t in c), tuple(has_grad), block)
+    if key not in _TABLES:
+        rows, block_map, first = [], [], 0
+        for i, w in enumerate(cols[0]):
+            for c in cols:
+                assert c[i].data_ptr() % 16 == 0 and c[i].is_contiguous(), "fused Adam needs 16-byte aligned, contiguous tensors"
+            nb = triton.cdiv(w.numel(), block)
+            rows.append([c[i].data_ptr() for c in cols] + [w.numel(), first, int(has_grad[i])])
+            block_map += [i] * nb
+            first += nb
+        dev = cols[0][0].device
+        pin = dev.type == "cuda"  # pinned source: the copy does not wait for the stream
+        table = torch.tensor(rows, dtype=torch.int64, pin_memory=pin).to(dev, non_blocking=True)
+        bmap = torch.tensor(block_map, dtype=torch.int32, pin_memory=pin).to(dev, non_blocking=True)
+        if len(_TABLES) > 32:
+            _TABLES.clear()
+        _TABLES[key] = (table, bmap, first)
+    return _TABLES[key]
+
+
+def adam_step_ref(ws, gs, m1s, m2s, masters, meta, amax_out, hp: dict) -> None:
+    """Pure-torch reference of the fused step (same arguments, same fp32 arithmetic), one tensor at a time."""
+    f = {k: torch.tensor(v, dtype=torch.float32) for k, v in hp.items()}
+    for i in range(len(ws)):
+        if meta[ACTIVE, i] == 0:
+            continue
+        g = gs[i].float() * meta[G_SI, i]
+        m, v = m1s[i].float(), m2s[i].float()
+        if is_scaled(m1s[i].dtype):
+            m = m * meta[M1_SI, i]
+        if is_scaled(m2s[i].dtype):
+            v = v * meta[M2_SI, i]
+        w = (masters[i] if masters is not None else ws[i]).float()
+        m = m + f["one_minus_beta1"] * (g - m)
+        v = v * f["beta2"] + f["one_minus_beta2"] * g * g
+        w = w * f["decay"]
+        denom = torch.sqrt(v) / meta[BC2_SQRT, i] + f["eps"]
+        w = w - meta[STEP_SIZE, i] * (m / denom)
+        if masters is not None:
+            masters[i].copy_(w)
+        ws[i].copy_(w.to(ws[i].dtype))
+        for k, (x, dst) in enumerate(((m, m1s[i]), (v, m2s[i]))):
+            if is_scaled(dst.dtype):
+                fmax = torch.finfo(dst.dtype).max
+                x = (x * meta[(M1_SCALE, M2_SCALE)[k], i]).clamp(-fmax, fmax)
+                dst.copy_(x.to(dst.dtype))
+                amax_out[k, i] = dst.float().abs().max() * meta[(M1_SI_NEW, M2_SI_NEW)[k], i]
+            else:
+                dst.copy_(x)
+
+
+def fused_adam_step(ws, gs, m1s, m2s, masters, meta, amax_out, hp: dict, block: int = ADAM_BLOCK) -> None:
+    """One AdamW step of n tensors in one launch. ws/gs/m1s/m2s/masters: lists of n tensors (masters or
+    None), gs FP8 (x meta[G_SI]) or float; meta float32 (N_META, n); amax_out float32 (2, n) zeros."""
+    assert meta.shape == (N_META, len(ws)) and amax_out.shape == (2, len(ws)) and meta.dtype == torch.float32
+    if not kernels.use_triton(ws[0]):
+        return adam_step_ref(ws, gs, m1s, m2s, masters, meta, amax_out, hp)
+    cols = [ws, gs, m1s, m2s, masters if masters is not None else ws]
+    table, bmap, nblocks = pointer_table(cols, [True] * len(ws), block)
+    d1, d2 = m1s[0].dtype, m2s[0].dtype
+    _adam_kernel[(nblocks,)](
+        table, bmap, meta, amax_out, *[c[0] for c in cols], len(ws),
+        hp["beta1"], hp["one_minus_beta1"], hp["beta2"], hp["one_minus_beta2"], hp["eps"], hp["decay"],
+        M1_SCALED=is_scaled(d1), M1_MAX=torch.finfo(d1).max, M1_FP8=d1 == E4M3,
+        M2_SCALED=is_scaled(d2), M2_MAX=torch.finfo(d2).max, M2_FP8=d2 == E4M3,
+        HAS_MASTER=masters is not None, EXACT_ROUND=kernels.INTERPRET, BLOCK=block,
+        num_warps=8 if not kernels.INTERPRET else 1)
+
+
+def weighted_sumsq(gs: list, weights: torch.Tensor) -> torch.Tensor:
+    """sum_i weights[i] * sum(gs[i]^2) for tensors of any dtype (FP8 included) -> float64 scalar,
+    deterministic (per-block partial sums, then one ordered sum); a tensor of weight 0 adds 0 even if NaN."""
+    w = weights.double()
+    if not kernels.use_triton(gs[0]):
+        ss = torch.stack([g.double().square().sum() for g in gs])
+        return torch.where(w != 0, ss * w, torch.zeros_like(w)).sum()
+    table, bmap, nblocks = pointer_table([gs] * 5, [True] * len(gs), SUMSQ_BLOCK)
+    part = torch.empty(nblocks, dtype=torch.float32, device=gs[0].device)
+    _sumsq_kernel[(nblocks,)](table, bmap, part, gs[0], BLOCK=SUMSQ_BLOCK, num_warps=8 if not kernels.INTERPRET else 1)
+    wb = w[bmap.long()]  # (nblocks,)
+    return torch.where(wb != 0, part.double() * wb, torch.zeros_like(wb)).sum()
+
+
+# ---- end of fused Adam kernel ----
+
+
+# ----------------------------------------------------------------------------------------------
+# gradient norm, clipping and the non-finite check (device tensors, no host sync)
+
+
+def _fp8_grad_amax(p: torch.Tensor) -> torch.Tensor:
+    """amax the FP8 wgrad recorded (inf/NaN there means the FP8 data saturated a non-finite value)."""
+    return p._fp8_owner.weight_grad_amax
+
+
+@torch.no_grad()
+def clip_and_check(params: Iterable[torch.Tensor], max_norm: Optional[float]):
+    """Global L2 norm of all gradients (FP8 ones dequantized) -> (grad_scale, found_inf, total_norm),
+    0-dim device tensors: grad_scale = min(1, max_norm / (norm + 1e-6)) (1 when found_inf or max_norm
+    is None), found_inf = any gradient (or FP8 grad amax) non-finite. Pass both to FP8AdamW.step."""
+    params = list(params)
+    dev = params[0].device
+    total_sq = torch.zeros((), dtype=torch.float64, device=dev)
+    bad = torch.zeros((), dtype=torch.bool, device=dev)
+    by_dtype: dict = {}
+    for p in params:
+        if not fp8.is_fp8_param(p) and p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        total_sq = total_sq + torch.stack(torch._foreach_norm(grads)).double().square().sum()
+    fp8_ps = [p for p in params if fp8.is_fp8_param(p)]
+    if fp8_ps:
+        gts = [fp8.fp8_grad(p) for p in fp8_ps]
+        si = torch.cat([g.scale_inv.reshape(1) for g in gts]).double()  # (n,), 0 = no gradient
+        total_sq = total_sq + weighted_sumsq([g.data for g in gts], si * si)
+        bad = bad | ~torch.isfinite(torch.cat([_fp8_grad_amax(p).reshape(1) for p in fp8_ps])).all()
+    total_norm = total_sq.sqrt().float()
+    found_inf = bad | ~torch.isfinite(total_norm)
+    if max_norm is None:
+        return torch.ones((), device=dev), found_inf, total_norm
+    clip = (max_norm / (total_norm + CLIP_EPS)).clamp(max=1.0)
+    return torch.where(found_inf, torch.ones_like(clip), clip), found_inf, total_norm
+
+
+# ----------------------------------------------------------------------------------------------
+# the optimizer
+
+
+class _Bucket:
+    """Params of one group that share one kernel launch: FP8 linear weights (FP8 grads, m1/m2 in the
+    group's dtypes) or the rest (p.grad, FP32 m1/m2), split by weight dtype. Owns the per-tensor
+    scalars as rows of one (5, n) tensor, so that updating them is a few vector ops per step."""
+
+    def __init__(self, params: list, is_fp8: bool, m1_dtype, m2_dtype, has_master: bool, state: dict):
+        self.params, self.is_fp8, self.has_master = params, is_fp8, has_master
+        self.m1_dtype, self.m2_dtype = m1_dtype, m2_dtype
+        self.meta = torch.zeros(5, len(params), device=params[0].device)  # step, m1/m2 scale_inv, m1/m2 amax
+        self.meta[1:3] = 1.0
+        self._has_cache: dict = {}
+        for i, p in enumerate(params):
+            st = state[p]
+            st["step"] = self.meta[0, i:i + 1]
+            st["exp_avg"] = torch.zeros(p.shape, dtype=m1_dtype, device=p.device)
+            st["exp_avg_sq"] = torch.zeros(p.shape, dtype=m2_dtype, device=p.device)
+            if is_scaled(m1_dtype):
+                st["exp_avg_scale_inv"], st["exp_avg_amax"] = self.meta[1, i:i + 1], self.meta[3, i:i + 1]
+            if is_scaled(m2_dtype):
+                st["exp_avg_sq_scale_inv"], st["exp_avg_sq_amax"] = self.meta[2, i:i + 1], self.meta[4, i:i + 1]
+            if has_master:
+                st["master"] = p.detach().float().clone()
+
+    def grads(self):
+        """-> (grad tensors (p itself as a masked-off stand-in where p.grad is None), grad scale_inv (n,),
+        has_grad (n,) bool) on the device."""
+        if self.is_fp8:
+            gts = [fp8.fp8_grad(p) for p in self.params]
+            si = torch.cat([g.scale_inv.reshape(1) for g in gts])
+            return [g.data for g in gts], si, si != 0
+        has = tuple(p.grad is not None for p in self.params)
+        if has not in self._has_cache:
+            self._has_cache[has] = torch.tensor(has, device=self.meta.device)
+        gs = [p.grad if p.grad is not None else p for p in self.params]
+        for p, g in zip(self.params, gs):
+            assert g.dtype == p.dtype and g.is_contiguous(), f"grad must be contiguous {p.dtype}, got {g.dtype}"
+        return gs, torch.ones_like(self.meta[0]), self._has_cache[has]
+
+    def step(self, group: dict, grad_scale: torch.Tensor, found_inf: torch.Tensor) -> None:
+        beta1, beta2 = group["betas"]
+        lr = float(group["lr"])
+        gs, g_si, has = self.grads()
+        active = has & ~found_inf
+        g_si = g_si * grad_scale  # the clip coefficient rides on the per-tensor dequantization scale
+        st = self.meta
+        st[0] += active.float()
+        step = st[0].double().clamp(min=1)  # inactive tensors never stepped: any finite value will do
+        meta = torch.empty(N_META, len(self.params), device=st.device)
+        meta[G_SI], meta[ACTIVE], meta[M1_SI], meta[M2_SI] = g_si, active.float(), st[1], st[2]
+        # next scales from a bound the new values cannot exceed (module docstring); FP32 moments: 1
+        gmax = g_si.double() * kernels.fp8_max(E4M3)
+        bounds = (beta1 * st[3] + (1 - beta1) * gmax, beta2 * st[4] + (1 - beta2) * gmax * gmax)
+        for row, dt, b, si in ((M1_SCALE, self.m1_dtype, bounds[0], st[1]), (M2_SCALE, self.m2_dtype, bounds[1], st[2])):
+            meta[row] = pow2_scale(b, dt, 1.0 / si) if is_scaled(dt) else torch.ones_like(si)
+            meta[row + 1] = 1.0 / meta[row]
+        meta[STEP_SIZE] = lr / (1 - beta1 ** step)
+        meta[BC2_SQRT] = (1 - beta2 ** step).sqrt()
+        amax = torch.zeros(2, len(self.params), device=st.device)
+        hp = dict(beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
+                  eps=group["eps"], decay=1 - lr * group["weight_decay"])
+        masters = [self_state["master"] for self_state in self._states] if self.has_master else None
+        fused_adam_step(self.params, gs, self._m1s, self._m2s, masters, meta, amax, hp)
+        # commit the new scales and amaxes of the tensors that stepped
+        st[1:3] = torch.where(active, meta[[M1_SI_NEW, M2_SI_NEW]], st[1:3])
+        st[3:5] = torch.where(active, amax, st[3:5])
+
+    def bind(self, state: dict) -> None:
+        self._states = [state[p] for p in self.params]
+        self._m1s = [s["exp_avg"] for s in self._states]
+        self._m2s = [s["exp_avg_sq"] for s in self._states]
+
+
+class FP8AdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, bias correction) with decoupled precision for FP8 linear weights:
+    m1/m2 in m1_dtype/m2_dtype (E4M3, float16 or float32; the first two with a per-tensor power-of-two
+    scale), master float16 (the weight itself) or float32 (a separate copy). Others: FP32 states."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, master_dtype: torch.dtype = torch.float16,
+                 m1_dtype: torch.dtype = E4M3, m2_dtype: torch.dtype = torch.float16):
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"need lr, eps, weight_decay >= 0 and 0 <= betas < 1, got {lr}, {eps}, {weight_decay}, {betas}")
+        self._buckets: list = []  # per param group, filled by add_param_group
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        master_dtype=master_dtype, m1_dtype=m1_dtype, m2_dtype=m2_dtype)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As torch, plus: allocate the group's states now (so load_state_dict can check and fill them)."""
+        super().add_param_group(param_group)
+        g = self.param_groups[-1]
+        for k, allowed in (("m1_dtype", STATE_DTYPES), ("m2_dtype", STATE_DTYPES), ("master_dtype", MASTER_DTYPES)):
+            if g[k] not in allowed:
+                raise ValueError(f"{k} must be one of {allowed}, got {g[k]}")
+        split: dict = {}
+        for p in g["params"]:
+            if not p.is_contiguous():
+                raise ValueError("FP8AdamW needs contiguous parameters")
+            split.setdefault((fp8.is_fp8_param(p), p.dtype, p.device), []).append(p)
+        buckets = []
+        for (is_fp8, dtype, _), ps in split.items():
+            m1, m2 = (g["m1_dtype"], g["m2_dtype"]) if is_fp8 else (torch.float32, torch.float32)
+            master = is_fp8 and g["master_dtype"] == torch.float32 and dtype != torch.float32
+            buckets.append(_Bucket(ps, is_fp8, m1, m2, master, self.state))
+            buckets[-1].bind(self.state)
+        self._buckets.append(buckets)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable] = None, grad_scale: Optional[torch.Tensor] = None,
+             found_inf: Optional[torch.Tensor] = None):
+        """One AdamW step. grad_scale: multiplies every gradient (the clip coefficient); found_inf: when
+        set, nothing changes (weights, moments, scales, step counts). Both 0-dim device tensors, no sync."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group, buckets in zip(self.param_groups, self._buckets):
+            for b in buckets:
+                dev = b.meta.device
+                gscale = torch.ones((), device=dev) if grad_scale is None else grad_scale.to(dev).float().reshape(())
+                finf = torch.zeros((), dtype=torch.bool, device=dev) if found_inf is None else found_inf.to(dev).bool().reshape(())
+                b.step(group, gscale, finf)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch, plus FP8 grads: scale_inv 0 means 'no gradient' (fp8.zero_fp8_grads)."""
+        super().zero_grad(set_to_none)
+        bufs = []
+        for g in self.param_groups:
+            for p in g["params"]:
+                if fp8.is_fp8_param(p):
+                    bufs += [fp8.fp8_grad(p).scale_inv, _fp8_grad_amax(p)]
+        if bufs:
+            torch._foreach_zero_(bufs)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Copy a saved state into this optimizer's (exact); shapes, dtypes and keys must match."""
+        saved_groups = state_dict["param_groups"]
+        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError("saved param groups differ in number or size from this optimizer's; "
+                             "build the optimizer over the same model and groups")
+        params = [p for g in self.param_groups for p in g["params"]]
+        ids = [i for g in saved_groups for i in g["params"]]
+        pairs = []
+        for p, i in zip(params, ids):
+            mine, saved = self.state[p], state_dict["state"].get(i, {})
+            if set(mine) != set(saved):
+                raise ValueError(f"param {i}: saved state has keys {sorted(saved)}, this optimizer {sorted(mine)}; "
+                                 "use the same m1_dtype/m2_dtype/master_dtype as the run that saved it")
+            for k, t in mine.items():
+                s = saved[k]
+                if not torch.is_tensor(s) or s.shape != t.shape or s.dtype != t.dtype:
+                    desc = f"{tuple(s.shape)} {s.dtype}" if torch.is_tensor(s) else type(s).__name__
+                    raise ValueError(f"param {i} state '{k}': saved {desc}, expected {tuple(t.shape)} {t.dtype}; "
+                                     "load into an optimizer built with the same model and dtypes")
+                pairs.append((t, s))
+        for t, s in pairs:  # all checked first: a failed load changes nothing
+            t.copy_(s)
+        for g, s in zip(self.param_groups, saved_groups):
+            g.update({k: v for k, v in s.items() if k != "params"})

@@ -1,0 +1,524 @@
+"""
+train.py: train a GPT at an FP8 level, on one device or many (torchrun DDP), with checkpoint/resume.
+
+  python train.py                                   # default: prepare data, tiny (CPU) or gpt2-124m (GPU)
+  python train.py --preset=gpt2-124m --fp8_level=1 --batch_size=16
+  torchrun --standalone --nproc_per_node=8 train.py --preset=gpt-1.3b --fp8_level=1
+  python train.py --out_dir=out/x --resume=1        # continue the run in out/x
+  python train.py --out_dir=out/x --sample=1        # generate text from its checkpoint
+
+Flags are the fields of TrainConfig (`--name=value`; booleans 0/1/true/false); a preset fills in
+the model and batch settings that no flag gives. Levels (DESIGN.md, FP8-LM arXiv 2310.18313 sec. 2):
+0 = BF16 autocast, FP32 weights and Adam states; 1 = FP8 GEMMs in every Linear but the LM head,
+FP16 weights updated in place, FP8 weight gradients, FP32 Adam states.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import fp8
+import model as M
+import optim
+
+HIGHEST_LEVEL = 1  # the highest --fp8_level that exists; levels 2 and 3 come with their issues
+PEAK_FLOPS = {"H100": {"bf16": 989e12, "fp8": 1979e12},  # dense tensor-core peaks, SXM datasheets
+              "H200": {"bf16": 989e12, "fp8": 1979e12}}
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # what to train
+    preset: str = ""  # tiny | gpt2-124m | gpt2-350m | gpt-1.3b; "" = gpt2-124m on a GPU, tiny on CPU
+    arch: str = ""  # gpt2 | llama; "" = gpt2
+    fp8_level: int = -1  # 0..3; -1 = the highest level that exists
+    n_layer: int = 0  # model size overrides; 0 = the preset's
+    n_head: int = 0
+    n_embd: int = 0
+    block_size: int = 0
+    # data and output
+    dataset: str = "shakespeare"  # prepared on first use: shakespeare | pystdlib
+    data_dir: str = ""  # "" = <repo>/data/<dataset>
+    out_dir: str = ""  # "" = out/<preset>-<arch>-l<level>
+    # optimization
+    batch_size: int = 0  # sequences per micro-batch per rank; 0 = the preset's
+    total_batch_tokens: int = 0  # tokens per optimizer step; 0 = one micro-batch per rank
+    max_steps: int = 0
+    lr: float = 0.0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * this at max_steps
+    warmup_steps: int = -1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
+    max_skips: int = 10  # stop after this many consecutive non-finite steps
+    # evaluation, logging, checkpoints
+    eval_interval: int = 0  # also the checkpoint interval
+    eval_iters: int = 0
+    resume: bool = False
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 1337
+    sample: bool = False  # generate from out_dir's checkpoint instead of training
+    sample_tokens: int = 200
+    prompt: str = "\n"
+
+    def __post_init__(self):
+        if self.fp8_level in (2, 3):
+            raise ValueError(f"--fp8_level={self.fp8_level} is not implemented yet (it comes with its issue); "
+                             f"use --fp8_level=0 or 1")
+        if self.fp8_level not in (-1, 0, 1):
+            raise ValueError(f"--fp8_level must be 0..3 (or -1 = highest), got {self.fp8_level}")
+        if self.preset and self.preset not in M.PRESETS:
+            raise ValueError(f"--preset must be one of {list(M.PRESETS)}, got {self.preset!r}")
+        if self.arch and self.arch not in M.ARCHS:
+            raise ValueError(f"--arch must be one of {M.ARCHS}, got {self.arch!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        for name in ("batch_size", "block_size", "max_steps", "eval_interval", "eval_iters", "total_batch_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+
+
+# training presets: what a preset sets when no flag does (model shapes live in model.PRESETS)
+def tiny():
+    return dict(batch_size=16, max_steps=300, lr=2e-3, warmup_steps=30, eval_interval=100, eval_iters=8)
+
+
+def gpt2_124m():
+    return dict(batch_size=16, total_batch_tokens=524288, max_steps=5000, lr=6e-4, warmup_steps=700,
+                eval_interval=250, eval_iters=20)
+
+
+def gpt2_350m():
+    return dict(gpt2_124m(), lr=3e-4)
+
+
+def gpt_1_3b():
+    return dict(batch_size=8, total_batch_tokens=1048576, max_steps=5000, lr=2e-4, warmup_steps=700,
+                eval_interval=250, eval_iters=10)
+
+
+TRAIN_PRESETS = {"tiny": tiny, "gpt2-124m": gpt2_124m, "gpt2-350m": gpt2_350m, "gpt-1.3b": gpt_1_3b}
+
+
+def str2bool(s: str) -> bool:
+    if s.lower() in ("1", "true"):
+        return True
+    if s.lower() in ("0", "false"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 0/1/true/false, got {s!r}")
+
+
+def parse_flags(argv) -> dict:
+    """--name=value flags generated from TrainConfig's fields; unknown flags and bad values exit."""
+    p = argparse.ArgumentParser(description="train a GPT in FP8 (see the module docstring)", allow_abbrev=False)
+    for f in fields(TrainConfig):
+        p.add_argument(f"--{f.name}", type=str2bool if f.type is bool else f.type, default=argparse.SUPPRESS,
+                       metavar=f.type.__name__.upper(), help=f"default {f.default!r}")
+    return vars(p.parse_args(argv))
+
+
+def resolve(flags: dict, device: str) -> TrainConfig:
+    """Defaults <- preset <- flags; then derive what is left (level, arch, out_dir, data_dir)."""
+    cfg = TrainConfig(**flags)
+    preset = cfg.preset or ("gpt2-124m" if device.startswith("cuda") else "tiny")
+    mcfg = M.PRESETS[preset]()
+    merged = {**asdict(cfg), "block_size": mcfg.block_size, **TRAIN_PRESETS[preset](), **flags}
+    cfg = TrainConfig(**merged)
+    level = HIGHEST_LEVEL if cfg.fp8_level < 0 else cfg.fp8_level
+    arch = cfg.arch or mcfg.arch
+    return replace(cfg, preset=preset, fp8_level=level, arch=arch, warmup_steps=max(cfg.warmup_steps, 0),
+                   out_dir=cfg.out_dir or os.path.join("out", f"{preset}-{arch}-l{level}"),
+                   data_dir=cfg.data_dir or os.path.join(REPO, "data", cfg.dataset))
+
+
+def model_config(cfg: TrainConfig) -> M.GPTConfig:
+    overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k)}
+    return M.GPTConfig(**{**asdict(M.PRESETS[cfg.preset]()), **overrides, "arch": cfg.arch,
+                          "block_size": cfg.block_size})
+
+
+# ----------------------------------------------------------------------------------------------
+# data: random windows of the token file, a pure function of (seed, step) so runs and resumes replay
+
+
+def load_split(data_dir: str, split: str) -> np.ndarray:
+    return np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
+
+
+def batch_offsets(n_tokens: int, key: int, n_rows: int, T: int, seed: int) -> torch.Tensor:
+    """n_rows window starts for step `key` (negative keys: the fixed eval batches)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + key)
+    return torch.randint(n_tokens - T - 1, (n_rows,), generator=g)
+
+
+def get_batch(data: np.ndarray, offsets: torch.Tensor, T: int, device: str):
+    """Windows at `offsets` -> inputs x (B, T) and next-token targets y (B, T), int64 on device."""
+    rows = np.stack([data[i:i + T + 1] for i in offsets.tolist()]).astype(np.int64)  # (B, T + 1)
+    xy = torch.from_numpy(rows)
+    if device.startswith("cuda"):
+        xy = xy.pin_memory().to(device, non_blocking=True)
+    return xy[:, :-1], xy[:, 1:]
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = min((step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1), 1.0)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+# ----------------------------------------------------------------------------------------------
+# FP8 helpers
+
+
+def scaling_metas(model):
+    return [m for m in model.modules() if isinstance(m, fp8.ScalingMeta)]
+
+
+def read_saturation(model) -> float:
+    """% of FP8-cast values saturated since the last call (all cast sites); resets the counters."""
+    metas = scaling_metas(model)
+    if not metas:
+        return 0.0
+    n_sat = torch.stack([m.stats[0] for m in metas]).sum().item()
+    numel = sum(m.numel for m in metas)
+    for m in metas:
+        m.stats.zero_()
+        m.numel = 0
+    return 100.0 * n_sat / max(numel, 1)
+
+
+@contextlib.contextmanager
+def frozen_scaling(model):
+    """Evaluation must not touch the delayed-scaling state (amax history, priming, stats)."""
+    metas = scaling_metas(model)
+    saved = [({k: b.clone() for k, b in m.named_buffers()}, m.primed, m.numel) for m in metas]
+    try:
+        yield
+    finally:
+        for m, (bufs, primed, numel) in zip(metas, saved):
+            for k, b in m.named_buffers():
+                b.copy_(bufs[k])
+            m.primed, m.numel = primed, numel
+
+
+def allreduce_fp8_grads(model, world: int) -> None:
+    """Interim DDP path for FP8 weight grads: dequantize, all-reduce in FP32, average, requantize.
+    comm.py replaces it with the auto-scaled FP8 all-reduce (1 byte per element on the wire)."""
+    mods = [m for m in model.modules() if isinstance(m, fp8.FP8Linear)]
+    flat = torch.cat([fp8.fp8_grad(m.weight).dequantize().view(-1) for m in mods])
+    dist.all_reduce(flat)
+    flat /= world
+    for m, g in zip(mods, flat.split([m.weight.numel() for m in mods])):
+        g = g.view_as(m.weight)
+        q = fp8.FP8Tensor.quantize(g)
+        m.weight_grad_fp8.copy_(q.data)
+        m.weight_grad_scale_inv.copy_(q.scale_inv)
+        m.weight_grad_amax.copy_(g.abs().amax().reshape(1))
+
+
+def allreduce_amax(model) -> None:
+    """All ranks take the largest amax of this step: one set of scales, as one process would have."""
+    metas = scaling_metas(model)
+    if metas:
+        cur = torch.stack([m.amax_history[0] for m in metas])
+        dist.all_reduce(cur, op=dist.ReduceOp.MAX)
+        for m, a in zip(metas, cur):
+            m.amax_history[0] = a
+
+
+# ----------------------------------------------------------------------------------------------
+# optimizer
+
+
+def make_optimizer(model, cfg: TrainConfig, device: str):
+    """AdamW; weight decay on matrices only (nanoGPT). Level 0: torch's fused AdamW; level 1: FP8AdamW."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    if cfg.fp8_level == 0:
+        return torch.optim.AdamW(groups, fused=True, **kw)
+    return optim.FP8AdamW(groups, weight_decay=cfg.weight_decay, **optim.LEVEL_DTYPES[cfg.fp8_level], **kw)
+
+
+def clip_and_check(opt, params, cfg: TrainConfig):
+    """Global grad-norm clipping and the non-finite check, on device: (grad_scale, found_inf, norm)."""
+    if cfg.fp8_level == 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"), foreach=True)  # in place
+        return None, ~torch.isfinite(norm), norm
+    return optim.clip_and_check(params, cfg.grad_clip or None)  # FP8 grads: the clip is applied in step()
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints: written atomically (temp file + rename), so the last good one survives a crash
+
+
+def save_checkpoint(path: str, model, opt, step: int, cfg: TrainConfig, n_skipped: int) -> None:
+    rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step, data_step=step, rng=rng,
+                config=asdict(cfg), model_config=asdict(model.config), fp8_level=cfg.fp8_level, n_skipped=n_skipped)
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, model, opt, cfg: TrainConfig, device: str) -> dict:
+    """Restore model (with FP8 metas), optimizer and RNG in place; returns the checkpoint dict."""
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    if ckpt["fp8_level"] != cfg.fp8_level or ckpt["model_config"] != asdict(model.config):
+        raise ValueError(f"{path} holds fp8_level={ckpt['fp8_level']} model {ckpt['model_config']}, this run wants "
+                         f"fp8_level={cfg.fp8_level} model {asdict(model.config)}: pass the flags of that run "
+                         f"or another --out_dir")
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
+    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# setup, evaluation, logging
+
+
+def setup(cfg_flags: dict):
+    """torchrun env -> process group (nccl on CUDA, gloo on CPU); returns (cfg, rank, world, device)."""
+    want = cfg_flags.get("device", "auto")
+    cuda = torch.cuda.is_available() if want == "auto" else want == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise ValueError("--device=cuda but no CUDA device is visible; use --device=cpu")
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    device = f"cuda:{local}" if cuda else "cpu"
+    cfg = resolve(cfg_flags, device)  # user errors surface before any process group exists
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return cfg, rank, world, device
+
+
+@torch.no_grad()
+def evaluate(model, val, cfg: TrainConfig, rank: int, world: int, device: str) -> float:
+    """Mean val loss over eval_iters fixed batches; every rank takes its share, then all-reduce."""
+    model.eval()
+    losses = torch.zeros(cfg.eval_iters, device=device)
+    with frozen_scaling(model):
+        for i in range(cfg.eval_iters):
+            offs = batch_offsets(len(val), -1 - i, cfg.batch_size * world, cfg.block_size, cfg.seed)
+            x, y = get_batch(val, offs[rank * cfg.batch_size:(rank + 1) * cfg.batch_size], cfg.block_size, device)
+            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+                losses[i] = model(x, y)[1]
+    model.train()
+    loss = losses.mean()
+    if world > 1:
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+    return loss.item()
+
+
+def run_header(cfg, mcfg, n_params, grad_accum, world, device) -> dict:
+    import tiktoken
+    import triton
+    try:
+        git = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", REPO, "status", "--porcelain"], capture_output=True, text=True).stdout)
+    except OSError:
+        git, dirty = "", False
+    gpu = torch.cuda.get_device_name(device) if device.startswith("cuda") else None
+    return dict(type="run", time=time.strftime("%Y-%m-%d %H:%M:%S"), config=asdict(cfg), model_config=asdict(mcfg),
+                n_params=n_params, grad_accum=grad_accum, world_size=world, device=device, gpu=gpu,
+                cpu=platform.processor() or platform.machine(), git_commit=git, git_dirty=dirty, argv=sys.argv,
+                versions=dict(python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
+                              numpy=np.__version__, tiktoken=tiktoken.__version__, cuda=torch.version.cuda))
+
+
+def peak_flops(device: str, level: int):
+    """The GPU's dense peak for the GEMM dtype in use (BF16 at level 0, FP8 above); None when unknown."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for gpu, peaks in PEAK_FLOPS.items():
+        if gpu in name:
+            return peaks["fp8" if level >= 1 else "bf16"]
+    return None
+
+
+def peak_mem_gb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB: process peak RSS
+
+
+def fmt_rate(x: float) -> str:
+    return f"{x / 1e6:.1f}M" if x >= 1e6 else f"{x / 1e3:.1f}k"
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+def train_step(model, raw, opt, params, data, step: int, cfg: TrainConfig, accum: int, rank: int, world: int,
+               device: str):
+    """One optimizer step over `accum` micro-batches; returns device tensors (loss, found_inf, grad norm)."""
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    B, T = cfg.batch_size, cfg.block_size
+    offs = batch_offsets(len(data), step, B * accum * world, T, cfg.seed)  # the global batch of this step
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(accum):
+        x, y = get_batch(data, offs[(rank * accum + micro) * B:][:B], T, device)
+        no_sync = world > 1 and micro < accum - 1  # DDP all-reduces on the last micro-batch only
+        with model.no_sync() if no_sync else contextlib.nullcontext():
+            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+                loss = model(x, y)[1] / accum
+            loss.backward()
+        loss_sum += loss.detach()
+    if world > 1:
+        if cfg.fp8_level >= 1:
+            allreduce_fp8_grads(raw, world)  # DDP ignores the FP8 weights (see train)
+            allreduce_amax(raw)
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    grad_scale, found_inf, norm = clip_and_check(opt, params, cfg)
+    found_inf = found_inf | ~torch.isfinite(loss_sum)  # non-finite: the step is skipped on device
+    if cfg.fp8_level == 0:
+        opt.found_inf = found_inf.float()  # fused AdamW leaves weights and states untouched
+        opt.step()
+    else:
+        opt.step(grad_scale=grad_scale, found_inf=found_inf)
+    fp8.update_scaling(raw)  # once per optimizer step, after the last backward
+    opt.zero_grad(set_to_none=True)
+    fp8.zero_fp8_grads(raw)
+    return loss_sum, found_inf, norm
+
+
+def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device: str = "cpu") -> dict:
+    """The whole run: data, model, optimizer, resume, loop with eval/checkpoints/logging."""
+    master, tok_micro = rank == 0, cfg.batch_size * cfg.block_size
+    total = cfg.total_batch_tokens or tok_micro * world
+    if total % (tok_micro * world):
+        raise ValueError(f"--total_batch_tokens={total} is not a multiple of batch_size * block_size * world_size "
+                         f"= {tok_micro * world}; change it or --batch_size")
+    accum = total // (tok_micro * world)
+    if master and not os.path.exists(os.path.join(cfg.data_dir, "train.bin")):
+        import prepare
+        prepare.prepare(cfg.data_dir, dataset=cfg.dataset)
+    if world > 1:
+        dist.barrier()
+    data, val = load_split(cfg.data_dir, "train"), load_split(cfg.data_dir, "val")
+    torch.manual_seed(cfg.seed)
+    raw = fp8.convert_to_fp8(M.GPT(model_config(cfg)).to(device), cfg.fp8_level)
+    opt = make_optimizer(raw, cfg, device)
+    params = [p for p in raw.parameters() if p.requires_grad]
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
+    start, n_skipped, consecutive = 0, 0, 0
+    if cfg.resume:
+        if not os.path.exists(ckpt_path):
+            raise ValueError(f"--resume=1 but there is no checkpoint at {ckpt_path}")
+        ck = load_checkpoint(ckpt_path, raw, opt, cfg, device)
+        start, n_skipped = ck["step"], ck["n_skipped"]
+    model = raw
+    if world > 1:
+        if cfg.fp8_level >= 1:  # their grads live in FP8 buffers, not .grad: reduced by allreduce_fp8_grads
+            DDP._set_params_and_buffers_to_ignore_for_model(raw, [n for n, p in raw.named_parameters() if fp8.is_fp8_param(p)])
+        model = DDP(raw, device_ids=[device] if device.startswith("cuda") else None, broadcast_buffers=False)
+    if cfg.compile:
+        model = torch.compile(model)
+    logf = open(log_path, "a") if master else None
+
+    def log(rec: dict, line: str = ""):
+        if master:
+            logf.write(json.dumps(rec) + "\n")
+            logf.flush()
+            if line:
+                print(line, flush=True)
+
+    log(run_header(cfg, raw.config, raw.num_params(), accum, world, device),
+        f"{cfg.preset} ({cfg.arch}, {raw.num_params() / 1e6:.1f}M params) | fp8_level {cfg.fp8_level} | {device} x {world} | "
+        f"batch {total} tokens = {cfg.batch_size} x {cfg.block_size} x {accum} accum x {world} ranks | "
+        f"steps {start}..{cfg.max_steps}")
+    peak, fpt = peak_flops(device, cfg.fp8_level), raw.flops_per_token(cfg.block_size)
+    losses, val_losses = {}, {}
+    for step in range(start, cfg.max_steps + 1):
+        if (step % max(cfg.eval_interval, 1) == 0 or step == cfg.max_steps) and not (cfg.resume and step == start):
+            val_losses[step] = evaluate(raw, val, cfg, rank, world, device)
+            log(dict(type="eval", step=step, val_loss=val_losses[step]), f"step {step} | val loss {val_losses[step]:.4f}")
+            if master and step > 0:
+                save_checkpoint(ckpt_path, raw, opt, step, cfg, n_skipped)
+        if step == cfg.max_steps:
+            break
+        t0 = time.perf_counter()
+        loss, found_inf, norm = train_step(model, raw, opt, params, data, step, cfg, accum, rank, world, device)
+        loss_v, skipped, norm_v = torch.stack([loss.float(), found_inf.float().reshape(()), norm.float()]).tolist()
+        dt = time.perf_counter() - t0
+        sat, mem, tok_s = read_saturation(raw), peak_mem_gb(device), total / dt
+        mfu = fpt * tok_s / (peak * world) if peak else None
+        losses[step] = loss_v
+        n_skipped, consecutive = n_skipped + int(skipped), (consecutive + 1) if skipped else 0
+        log(dict(type="step", step=step, loss=loss_v, lr=lr_at(step, cfg), ms=1e3 * dt, tok_s=tok_s, mfu=mfu,
+                 mem_gb=mem, sat=sat, grad_norm=norm_v, skipped=bool(skipped), n_skipped=n_skipped),
+            f"step {step} | loss {loss_v:.4f} | lr {lr_at(step, cfg):.1e} | {1e3 * dt:.0f} ms | {fmt_rate(tok_s)} tok/s | "
+            f"mfu {'-' if mfu is None else f'{100 * mfu:.0f}%'} | mem {mem:.1f} GB | sat {sat:.2f}%"
+            + (f" | SKIPPED (non-finite, {n_skipped} so far)" if skipped else ""))
+        if consecutive >= cfg.max_skips:
+            raise Diverged(f"{consecutive} consecutive steps with non-finite loss or gradients: stopping at step "
+                           f"{step}. The last good checkpoint is {ckpt_path if os.path.exists(ckpt_path) else 'none'}")
+    if master:
+        print(f"done: checkpoint {ckpt_path} | log {log_path} | {n_skipped} skipped steps")
+        logf.close()
+    return dict(losses=losses, val_losses=val_losses, n_skipped=n_skipped, ckpt=ckpt_path, log=log_path, model=raw)
+
+
+@torch.no_grad()
+def sample(cfg: TrainConfig, device: str) -> str:
+    """Generate cfg.sample_tokens tokens after cfg.prompt from the checkpoint in cfg.out_dir."""
+    import prepare
+    ck = torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), map_location=device, weights_only=True)
+    m = fp8.convert_to_fp8(M.GPT(M.GPTConfig(**ck["model_config"])), ck["fp8_level"]).to(device)
+    m.load_state_dict(ck["model"])
+    m.eval()
+    enc = prepare.get_tokenizer()
+    idx = torch.tensor([enc.encode_ordinary(cfg.prompt) or [enc.eot_token]], device=device)  # (1, T)
+    torch.manual_seed(cfg.seed)
+    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16), frozen_scaling(m):
+        out = m.generate(idx, cfg.sample_tokens, top_k=200)[0].tolist()
+    text = enc.decode([t for t in out if t < enc.n_vocab])  # ids past GPT-2's 50257 are vocab padding
+    print(text)
+    return text
+
+
+def main(argv=None):
+    flags = parse_flags(sys.argv[1:] if argv is None else argv)
+    world = 1
+    try:
+        cfg, rank, world, device = setup(flags)
+        return sample(cfg, device) if cfg.sample else train(cfg, rank, world, device)
+    except (ValueError, Diverged) as e:
+        raise SystemExit(f"error: {e}")
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
