@@ -3,6 +3,7 @@ bench.py: speed of the nanoFP8 pieces against BF16 and peers, side by side in on
 
   python bench.py gemm      FP8 GEMM (Triton, ours) vs torch._scaled_mm (cuBLAS) vs BF16 torch.matmul
   python bench.py cast      fused amax+scale+cast(+transpose) vs eager torch / torch.compile vs copy bandwidth
+  python bench.py linear    FP8Linear fwd+bwd (3 FP8 GEMMs, casts, FP8 weight grad) vs BF16 nn.Linear
 
 Each prints a header (GPU, versions), a fixed-width table, and one JSON line last (also written to
 --json FILE when given). Times are medians of triton.testing.do_bench (CUDA events).
@@ -103,7 +104,33 @@ def bench_cast(args) -> dict:
     return {"copy_gbs": copy_gbs, "rows": rows}
 
 
-SUBCOMMANDS = {"gemm": bench_gemm, "cast": bench_cast}
+def bench_linear(args) -> dict:
+    """FP8Linear vs BF16 nn.Linear (autocast), forward + backward, at GPT shapes (tokens, in, out)."""
+    import fp8
+    rows = []
+    print(f"{'tokens':>6} {'in':>5} {'out':>5} | {'bf16 ms':>8} {'fp8 ms':>8} {'speedup':>8}")
+    for M, K, N in [(16384, 768, 2304), (16384, 768, 3072), (16384, 3072, 768), (16384, 2048, 8192),
+                    (16384, 8192, 2048), (16384, 2048, 6144)]:
+        ref = torch.nn.Linear(K, N, device="cuda")
+        lin = fp8.FP8Linear(K, N, device="cuda")
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+
+        def step(mod):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = mod(x)
+            y.backward(g)
+            if mod is lin:
+                fp8.update_scaling(lin)  # once per optimizer step: re-casts the weight next time
+        step(lin)
+        t_bf16, t_fp8 = median_ms(lambda: step(ref)), median_ms(lambda: step(lin))
+        r = {"M": M, "K": K, "N": N, "bf16_ms": t_bf16, "fp8_ms": t_fp8, "speedup": t_bf16 / t_fp8}
+        rows.append(r)
+        print(f"{M:>6} {K:>5} {N:>5} | {t_bf16:8.3f} {t_fp8:8.3f} {r['speedup']:7.2f}x", flush=True)
+    return {"rows": rows}
+
+
+SUBCOMMANDS = {"gemm": bench_gemm, "cast": bench_cast, "linear": bench_linear}
 
 
 def main(argv=None):

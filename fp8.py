@@ -34,13 +34,31 @@ PAD_TOKENS = 16  # token dim of the transposed copies (the K of the weight-gradi
 
 
 def amax_to_scale(amax: torch.Tensor, fp8_dtype: torch.dtype, margin: int, prev_scale: torch.Tensor) -> torch.Tensor:
-    """Power-of-two scale 2^(floor(log2(fmax / amax)) - margin), float32 (1,); amax 0 or non-finite
-    keeps prev_scale. Computed in float64 so that fmax/amax never rounds up to the next power of two."""
-    a = amax.double().reshape(1)
+    """Power-of-two scale 2^(floor(log2(fmax / amax)) - margin), float32 (1,), exponent clamped to
+    [-126, 126]; amax 0 or non-finite keeps prev_scale. Exact: computed on the fp32 bits of amax
+    (the ratio fmax/amax is never rounded), bit-identical to the kernels' in-kernel version."""
+    a = amax.float().reshape(1)
     ok = torch.isfinite(a) & (a > 0)
-    exp = torch.floor(torch.log2(fp8_max(fp8_dtype) / torch.where(ok, a, torch.ones_like(a)))) - margin
-    exp = exp.clamp(-126, 126)  # keep scale and 1/scale finite normal float32
-    return torch.where(ok, torch.exp2(exp), prev_scale.double().reshape(1)).float()
+    return torch.where(ok, kernels.pow2_scale_ref(a, fp8_dtype, margin), prev_scale.float().reshape(1))
+
+
+@torch.no_grad()
+def _update_rows(hist, scale, scale_inv, n_nonfinite, fmax_exp, fmax_mant, margin):
+    """Delayed-scaling update of n metas at once. hist (n, H) with column 0 = this step's amax;
+    scale, scale_inv, n_nonfinite (n, 1); fmax_exp, fmax_mant, margin (n, 1) int32 per row."""
+    cur = hist[:, :1]
+    bad = ~torch.isfinite(cur)
+    n_nonfinite += bad.long()
+    hist[:, :1] = torch.where(bad, torch.zeros_like(cur), cur)  # a NaN/Inf amax never enters the history
+    amax = hist.amax(dim=1, keepdim=True)
+    b = amax.view(torch.int32)
+    k = (fmax_exp - (((b >> 23) & 0xFF) - 127) - ((b & 0x7FFFFF) > fmax_mant).int() - margin).clamp(-126, 126)
+    new = ((k + 127) << 23).view(torch.float32)  # 2^k, same integer recipe as the kernels
+    keep = bad | ~(torch.isfinite(amax) & (amax > 0))
+    scale.copy_(torch.where(keep, scale, new))
+    scale_inv.copy_(1.0 / scale)
+    hist.copy_(hist.roll(1, dims=1))
+    hist[:, 0] = 0.0
 
 
 class ScalingMeta(nn.Module):
@@ -71,23 +89,21 @@ class ScalingMeta(nn.Module):
     @torch.no_grad()
     def prime(self, x: torch.Tensor) -> None:
         """First use: a just-in-time scale from x itself, so step 0 does not saturate."""
-        self.scale.copy_(amax_to_scale(x.detach().abs().amax(), self.fp8_dtype, self.margin, self.scale))
+        amax = kernels.amax_into(x.detach().reshape(-1).contiguous(), torch.zeros_like(self.scale))
+        self.scale.copy_(amax_to_scale(amax, self.fp8_dtype, self.margin, self.scale))
         self.scale_inv.copy_(1.0 / self.scale)
         self.primed = True
+
+    def consts(self):
+        fe, fm = kernels.fmax_bits(self.fp8_dtype)
+        return fe, fm, self.margin
 
     @torch.no_grad()
     def update(self) -> None:
         """End of a step: next scale from the history (this step included), then open a new slot."""
-        h = self.amax_history
-        cur = h[:1]
-        bad = ~torch.isfinite(cur)
-        self.n_nonfinite += bad.long()
-        h[:1] = torch.where(bad, torch.zeros_like(cur), cur)  # a NaN/Inf amax never enters the history
-        new = amax_to_scale(h.max(), self.fp8_dtype, self.margin, self.scale)
-        self.scale.copy_(torch.where(bad, self.scale, new))
-        self.scale_inv.copy_(1.0 / self.scale)
-        h.copy_(h.roll(1))
-        h[0] = 0.0
+        fe, fm, mg = (torch.tensor([[c]], dtype=torch.int32, device=self.scale.device) for c in self.consts())
+        _update_rows(self.amax_history[None], self.scale[None], self.scale_inv[None], self.n_nonfinite[None],
+                     fe, fm, mg)
 
 
 @dataclass
@@ -110,9 +126,11 @@ class FP8Tensor:
     @classmethod
     def quantize(cls, x: torch.Tensor, fp8_dtype: torch.dtype = E4M3, margin: int = 0) -> "FP8Tensor":
         """Just-in-time: scale from x's own amax (two passes: amax, then cast)."""
-        scale = amax_to_scale(x.abs().amax(), fp8_dtype, margin, torch.ones(1, device=x.device))
-        x_fp8, _ = kernels.cast_to_fp8(x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x, fp8_dtype, scale)
-        return cls(x_fp8.view(x.shape), 1.0 / scale)
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        amax = kernels.amax_into(x2, torch.zeros(1, device=x.device))
+        scale_inv = torch.empty(1, device=x.device)
+        x_fp8, _ = kernels.cast_to_fp8(x2, fp8_dtype, None, amax, scale_inv_out=scale_inv, margin=margin)
+        return cls(x_fp8.view(x.shape), scale_inv)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,81 +152,104 @@ def _(x, scale, amax, stats, fp8_dtype, transpose, pad_t):
     return x.new_empty((M, N), dtype=fp8_dtype), y_t
 
 
-@torch.library.custom_op("nanofp8::gemm", mutates_args=())
-def _gemm_op(a: torch.Tensor, b: torch.Tensor, a_scale_inv: torch.Tensor, b_scale_inv: torch.Tensor,
-             out_dtype: torch.dtype, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return kernels.fp8_gemm(a, b, a_scale_inv, b_scale_inv, out_dtype, bias)
+@torch.library.custom_op("nanofp8::cast_jit", mutates_args=("out", "scale_inv_out"))
+def _cast_jit_op(x: torch.Tensor, amax: torch.Tensor, out: torch.Tensor, scale_inv_out: torch.Tensor,
+                 transpose: bool) -> torch.Tensor:
+    _, y_t = kernels.cast_to_fp8(x, out.dtype, None, amax, transpose, 1, None, out, scale_inv_out)
+    return y_t if y_t is not None else out.new_empty(0)
 
 
-@_gemm_op.register_fake
-def _(a, b, a_scale_inv, b_scale_inv, out_dtype, bias):
-    return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
+@_cast_jit_op.register_fake
+def _(x, amax, out, scale_inv_out, transpose):
+    return out.new_empty((x.shape[1], x.shape[0]) if transpose else (0,))
 
 
-@torch.library.custom_op("nanofp8::gemm_acc", mutates_args=("out",))
-def _gemm_acc_op(a: torch.Tensor, b: torch.Tensor, a_scale_inv: torch.Tensor, b_scale_inv: torch.Tensor,
-                 out: torch.Tensor) -> None:
-    kernels.fp8_gemm(a, b, a_scale_inv, b_scale_inv, out=out)
+@torch.library.custom_op("nanofp8::amax", mutates_args=("amax",))
+def _amax_op(x: torch.Tensor, amax: torch.Tensor) -> None:
+    kernels.amax_into(x, amax)
 
 
-@_gemm_acc_op.register_fake
-def _(a, b, a_scale_inv, b_scale_inv, out):
+@_amax_op.register_fake
+def _(x, amax):
     return None
 
 
+@torch.library.custom_op("nanofp8::gemm", mutates_args=("amax_out",))
+def _gemm_op(a: torch.Tensor, b: torch.Tensor, a_scale_inv: torch.Tensor, b_scale_inv: torch.Tensor,
+             out_dtype: torch.dtype, bias: Optional[torch.Tensor], prev: Optional[torch.Tensor],
+             prev_scale_inv: Optional[torch.Tensor], amax_out: Optional[torch.Tensor]) -> torch.Tensor:
+    acc = (prev, prev_scale_inv) if prev is not None else None
+    return kernels.fp8_gemm(a, b, a_scale_inv, b_scale_inv, out_dtype, bias, acc_fp8=acc, amax_out=amax_out)
+
+
+@_gemm_op.register_fake
+def _(a, b, a_scale_inv, b_scale_inv, out_dtype, bias, prev, prev_scale_inv, amax_out):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
+
+
 def cast(x, fp8_dtype, scale, amax, stats, transpose=False, pad_t=1):
+    """Delayed-scaling cast (records amax); custom op under torch.compile, direct call in eager."""
     if torch.compiler.is_compiling():
         y, y_t = _cast_op(x, scale, amax, stats, fp8_dtype, transpose, pad_t)
         return y, (y_t if transpose else None)
     return kernels.cast_to_fp8(x, fp8_dtype, scale, amax, transpose, pad_t, stats)
 
 
-def gemm(a, b, a_scale_inv, b_scale_inv, out_dtype=torch.bfloat16, bias=None, out=None):
+def cast_jit(x, amax, out, scale_inv_out, transpose=False):
+    """Just-in-time cast into out (FP8) with the scale derived from amax = max|x|."""
     if torch.compiler.is_compiling():
-        if out is not None:
-            _gemm_acc_op(a, b, a_scale_inv, b_scale_inv, out)
-            return out
-        return _gemm_op(a, b, a_scale_inv, b_scale_inv, out_dtype, bias)
-    return kernels.fp8_gemm(a, b, a_scale_inv, b_scale_inv, out_dtype, bias, out)
+        y_t = _cast_jit_op(x, amax, out, scale_inv_out, transpose)
+        return out, (y_t if transpose else None)
+    return kernels.cast_to_fp8(x, out.dtype, None, amax, transpose, 1, None, out, scale_inv_out)
+
+
+def amax_into(x, amax):
+    if torch.compiler.is_compiling():
+        _amax_op(x, amax)
+        return amax
+    return kernels.amax_into(x, amax)
+
+
+def gemm(a, b, a_scale_inv, b_scale_inv, out_dtype=torch.bfloat16, bias=None, acc_fp8=None, amax_out=None):
+    if torch.compiler.is_compiling():
+        prev, psi = acc_fp8 if acc_fp8 is not None else (None, None)
+        return _gemm_op(a, b, a_scale_inv, b_scale_inv, out_dtype, bias, prev, psi, amax_out)
+    return kernels.fp8_gemm(a, b, a_scale_inv, b_scale_inv, out_dtype, bias, acc_fp8=acc_fp8, amax_out=amax_out)
 
 
 # ----------------------------------------------------------------------------------------------
 # FP8 linear: forward E4M3 x E4M3, dgrad E5M2 x E4M3, wgrad E5M2 x E4M3, all three FP8 GEMMs
 
 
-def cast_weight(w: torch.Tensor, margin: int = 0):
-    """Weight -> (w_fp8 (N, K), w_fp8_t (K, N), scale_inv): just-in-time scale from its own amax."""
-    one = torch.ones(1, device=w.device)
-    scale = amax_to_scale(w.detach().abs().amax(), E4M3, margin, one)
-    w_fp8, w_fp8_t = cast(w.detach(), E4M3, scale, None, None, transpose=True)
-    return w_fp8, w_fp8_t, 1.0 / scale
+def cast_weight(w: torch.Tensor, w_fp8: torch.Tensor, w_si: torch.Tensor, w_amax: torch.Tensor):
+    """Weight (N, K) -> w_fp8 (N, K) in place and w_fp8_t (K, N), scaled by its own amax: one read
+    for the amax, one read + two writes for the cast (the scale is derived inside the kernel)."""
+    w_amax.zero_()
+    amax_into(w.detach(), w_amax)
+    _, w_fp8_t = cast_jit(w.detach(), w_amax, w_fp8, w_si, transpose=True)
+    return w_fp8_t
 
 
 @torch.no_grad()
 def accumulate_fp8_grad(grad_fp8, grad_scale_inv, grad_amax, g_t, g_si, x_t, x_si):
-    """grad += g_t @ x_t^T, kept as FP8 E4M3 + scale: dequantize the running sum into FP32, add the
-    wgrad GEMM (N, Mp) x (K, Mp)^T into it, re-quantize with the sum's own amax."""
-    empty = grad_scale_inv == 0  # an all-empty grad has scale_inv 0 (zero_fp8_grads)
-    acc = torch.where(empty, torch.zeros_like(grad_scale_inv), grad_fp8.float() * grad_scale_inv)  # (N, K) fp32
-    gemm(g_t, x_t, g_si, x_si, out=acc)
-    amax = acc.abs().amax()
-    grad_amax.copy_(amax.reshape(1))  # NaN/Inf here makes the trainer skip the step
-    scale = amax_to_scale(amax, E4M3, 0, torch.ones_like(grad_scale_inv))
-    data, _ = cast(acc, E4M3, scale, None, None)
-    grad_fp8.copy_(data)
-    grad_scale_inv.copy_(1.0 / scale)
+    """grad (N, K) += g_t (N, Mp) @ x_t (K, Mp)^T, kept as FP8 E4M3 + scale. The GEMM epilogue adds
+    the running FP8 sum and takes the amax of the result; a just-in-time cast re-quantizes it."""
+    grad_amax.zero_()
+    acc = gemm(g_t, x_t, g_si, x_si, torch.float32, acc_fp8=(grad_fp8, grad_scale_inv), amax_out=grad_amax)
+    cast_jit(acc, grad_amax, grad_fp8, grad_scale_inv)  # NaN/Inf in grad_amax: the trainer skips the step
 
 
 class _FP8LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, g_meta, x_meta_t, g_meta_t, grad_bufs):
-        # x_meta_t / g_meta_t: (scale, scale_inv, amax slot, stats) of the input / grad_output casts
+    def forward(ctx, x, weight, bias, g_meta, x_meta_t, g_meta_t, grad_bufs, w_fp8_t3):
+        # x_meta_t / g_meta_t: (scale, scale_inv, amax slot, stats) of the input / grad_output casts;
+        # w_fp8_t3: the weight already in FP8 (w_fp8 (N, K), w_fp8_t (K, N), scale_inv)
         x_scale, x_si, x_amax, x_stats = x_meta_t
+        w_fp8, w_fp8_t, w_si = w_fp8_t3
         K = x.shape[-1]
         x2 = x.reshape(-1, K)  # (M, K)
         need_wgrad = weight.requires_grad
         x_fp8, x_fp8_t = cast(x2, E4M3, x_scale, x_amax, x_stats, transpose=need_wgrad, pad_t=PAD_TOKENS)
-        w_fp8, w_fp8_t, w_si = cast_weight(weight)
         out_dtype = torch.get_autocast_dtype("cuda" if x.is_cuda else "cpu") \
             if torch.is_autocast_enabled(x.device.type) else x.dtype
         out = gemm(x_fp8, w_fp8, x_si, w_si, out_dtype, bias)  # (M, N)
@@ -233,7 +274,7 @@ class _FP8LinearFn(torch.autograd.Function):
         if ctx.need_wgrad:
             accumulate_fp8_grad(grad_fp8, grad_si, grad_amax, g_fp8_t, g_si, x_t, x_si)  # (N, K)
         grad_b = g2.float().sum(0).to(ctx.bias_dtype) if ctx.has_bias else None
-        return grad_x.view(ctx.x_shape), None, grad_b, None, None, None, None
+        return grad_x.view(ctx.x_shape), None, grad_b, None, None, None, None, None
 
 
 class FP8Linear(nn.Linear):
@@ -252,7 +293,27 @@ class FP8Linear(nn.Linear):
         self.register_buffer("weight_grad_fp8", torch.zeros(out_features, in_features, dtype=E4M3, device=device))
         self.register_buffer("weight_grad_scale_inv", torch.zeros(1, device=device))  # 0 = no gradient yet
         self.register_buffer("weight_grad_amax", torch.zeros(1, device=device))
+        # the FP8 copy of the weight: cast once per optimizer step, reused by every micro-batch
+        self.register_buffer("weight_fp8", torch.zeros(out_features, in_features, dtype=E4M3, device=device),
+                             persistent=False)
+        self.register_buffer("weight_scale_inv", torch.ones(1, device=device), persistent=False)
+        self.register_buffer("weight_amax", torch.zeros(1, device=device), persistent=False)
+        self._weight_fp8_t = None  # None: the FP8 copy is stale (update_scaling, load_state_dict)
         self.weight._fp8_owner = self  # fp8_grad(p) finds the buffers through this
+
+    def fp8_weight(self):
+        """(w_fp8 (N, K), w_fp8_t (K, N), scale_inv). Weights change only at optimizer steps, so the
+        cast is redone only after update_scaling(); under torch.compile it is redone every call."""
+        if self._weight_fp8_t is None or torch.compiler.is_compiling():
+            w_t = cast_weight(self.weight, self.weight_fp8, self.weight_scale_inv, self.weight_amax)
+            if torch.compiler.is_compiling():
+                return self.weight_fp8, w_t, self.weight_scale_inv
+            self._weight_fp8_t = w_t
+        return self.weight_fp8, self._weight_fp8_t, self.weight_scale_inv
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._weight_fp8_t = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x):
         if not self.x_meta.primed:
@@ -268,6 +329,7 @@ class FP8Linear(nn.Linear):
             (m.scale, m.scale_inv, m.amax_history[:1], m.stats),
             (g.scale, g.scale_inv, g.amax_history[:1], g.stats),
             (self.weight_grad_fp8, self.weight_grad_scale_inv, self.weight_grad_amax),
+            self.fp8_weight(),
         )
 
     def extra_repr(self):
@@ -294,12 +356,48 @@ def zero_fp8_grads(model: nn.Module) -> None:
             m.weight_grad_amax.zero_()
 
 
+_PACKED = ("amax_history", "scale", "scale_inv", "n_nonfinite")
+
+
+@torch.no_grad()
+def _pack_metas(metas: list) -> dict:
+    """Re-home every meta's buffers as rows of a few shared tensors, so one update touches all of
+    them with ~15 kernel launches instead of ~15 per meta (a 124M GPT has 96 metas)."""
+    pack = {name: torch.stack([getattr(m, name) for m in metas]) for name in _PACKED}
+    dev = pack["scale"].device
+    for i, name in enumerate(("fmax_exp", "fmax_mant", "margin")):
+        pack[name] = torch.tensor([[m.consts()[i]] for m in metas], dtype=torch.int32, device=dev)
+    for i, m in enumerate(metas):
+        for name in _PACKED:
+            m._buffers[name] = pack[name][i]  # a view: the kernels keep writing into the pack
+    pack["metas"] = metas
+    return pack
+
+
+def _pack_valid(pack, metas) -> bool:
+    return pack is not None and len(pack["metas"]) == len(metas) and all(
+        a is b and a.amax_history.data_ptr() == pack["amax_history"][i].data_ptr()
+        for i, (a, b) in enumerate(zip(pack["metas"], metas)))
+
+
 @torch.no_grad()
 def update_scaling(model: nn.Module) -> None:
-    """Once per optimizer step: every ScalingMeta turns its amax history into its next scale."""
+    """Once per optimizer step: every ScalingMeta turns its amax history into its next scale, and
+    every FP8Linear's FP8 weight copy is marked stale (the optimizer has just changed the weights)."""
+    metas = [m for m in model.modules() if isinstance(m, ScalingMeta)]
     for m in model.modules():
-        if isinstance(m, ScalingMeta):
-            m.update()
+        if isinstance(m, FP8Linear):
+            m._weight_fp8_t = None
+    if not metas:
+        return
+    pack = model.__dict__.get("_fp8_meta_pack")
+    if not _pack_valid(pack, metas) or len({m.amax_history.shape for m in metas}) != 1:
+        if len({m.amax_history.shape for m in metas}) != 1:  # mixed history lengths: one by one
+            for m in metas:
+                m.update()
+            return
+        pack = model.__dict__["_fp8_meta_pack"] = _pack_metas(metas)
+    _update_rows(*(pack[k] for k in _PACKED), pack["fmax_exp"], pack["fmax_mant"], pack["margin"])
 
 
 def default_filter(name: str, module: nn.Linear) -> bool:

@@ -77,12 +77,25 @@ def _soft_fp8(v, MANT: tl.constexpr, MIN_EXP: tl.constexpr):
 
 
 @triton.jit
+def _pow2_scale(amax, FMAX_EXP: tl.constexpr, FMAX_MANT: tl.constexpr, MARGIN: tl.constexpr):
+    """2^(floor(log2(fmax / amax)) - margin) by exact integer arithmetic on the fp32 bits (the
+    ratio is never rounded), 1.0 for an amax that is 0 or non-finite. Same as fp8.amax_to_scale."""
+    b = amax.to(tl.int32, bitcast=True)
+    ea = ((b >> 23) & 0xFF) - 127
+    k = FMAX_EXP - ea - ((b & 0x7FFFFF) > FMAX_MANT).to(tl.int32) - MARGIN
+    k = tl.minimum(tl.maximum(k, -126), 126)
+    scale = ((k + 127) << 23).to(tl.float32, bitcast=True)
+    return tl.where((amax > 0) & (amax < float("inf")), scale, 1.0)
+
+
+@triton.jit
 def _cast_kernel(
-    x_ptr, y_ptr, yt_ptr, scale_ptr, amax_ptr, stats_ptr,  # pointers
+    x_ptr, y_ptr, yt_ptr, scale_ptr, amax_ptr, stats_ptr, scale_inv_ptr,  # pointers
     M, N, MT,  # sizes: x is (M, N); y_t is (N, MT) with MT >= M, columns M..MT-1 zero-filled
     stride_xm, stride_xn,  # strides of x (y and y_t are contiguous)
     FP8_MAX: tl.constexpr, FP8_MIN_SUB: tl.constexpr,  # largest value, smallest subnormal of the format
     TRANSPOSE: tl.constexpr, HAS_AMAX: tl.constexpr, HAS_STATS: tl.constexpr,
+    JIT_SCALE: tl.constexpr, FMAX_EXP: tl.constexpr, FMAX_MANT: tl.constexpr, MARGIN: tl.constexpr,
     SOFT_CVT: tl.constexpr, MANT: tl.constexpr, MIN_EXP: tl.constexpr,  # see _soft_fp8
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -93,11 +106,18 @@ def _cast_kernel(
     in_x = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=in_x, other=0.0)
     x = x.to(tl.float32)
+    if JIT_SCALE:
+        # just-in-time: the amax of x is already known (a previous pass); every program derives the
+        # same power-of-two scale from it, program (0, 0) publishes 1/scale (exact for powers of 2)
+        scale = _pow2_scale(tl.load(amax_ptr), FMAX_EXP, FMAX_MANT, MARGIN)
+        if (pid_m == 0) & (pid_n == 0):
+            tl.store(scale_inv_ptr, 1.0 / scale)
+    else:
+        scale = tl.load(scale_ptr)
     if HAS_AMAX:
         # NaN would poison atomic max unpredictably: count it as +inf, which the meta reports
         ax = tl.where(x == x, tl.abs(x), float("inf"))
         tl.atomic_max(amax_ptr, tl.max(tl.max(ax, axis=1), axis=0))
-    scale = tl.load(scale_ptr)
     xs = x * scale
     if HAS_STATS:  # saturated and flushed-to-zero counts, for monitoring
         n_sat = tl.sum(tl.sum((tl.abs(xs) >= FP8_MAX).to(tl.int32), axis=1), axis=0)
@@ -117,10 +137,48 @@ def _cast_kernel(
         tl.store(yt_ptr + offs_n[None, :] * MT + offs_m[:, None], y, mask=in_t)
 
 
-def cast_to_fp8_ref(x, fp8_dtype, scale, amax=None, transpose=False, pad_t=1, stats=None):
+@triton.jit
+def _amax_kernel(x_ptr, amax_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.atomic_max(amax_ptr, tl.max(tl.where(x == x, tl.abs(x), float("inf")), axis=0))
+
+
+def amax_into(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """amax (float32, 1 element) = max(amax, max|x|), NaN counted as inf; x contiguous."""
+    assert x.is_contiguous() and amax.numel() == 1 and amax.dtype == torch.float32
+    if not use_triton(x):
+        ax = torch.where(torch.isnan(x), float("inf"), x.float().abs())
+        return amax.copy_(torch.maximum(amax, ax.amax().reshape(amax.shape) if x.numel() else amax))
+    BLOCK = 4096 if not INTERPRET else 256
+    _amax_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, amax, x.numel(), BLOCK=BLOCK, num_warps=8 if not INTERPRET else 1)
+    return amax
+
+
+def fmax_bits(fp8_dtype: torch.dtype):
+    """(exponent, fp32 mantissa bits) of the format's max: 448 = 1.75 * 2^8, 57344 = 1.75 * 2^15."""
+    b = torch.tensor([fp8_max(fp8_dtype)], dtype=torch.float32).view(torch.int32).item()
+    return ((b >> 23) & 0xFF) - 127, b & 0x7FFFFF
+
+
+def pow2_scale_ref(amax: torch.Tensor, fp8_dtype: torch.dtype, margin: int = 0) -> torch.Tensor:
+    """Torch twin of _pow2_scale: float32 (1,), 1.0 where amax is 0 or non-finite."""
+    a = amax.float().reshape(1)
+    b = a.view(torch.int32)
+    fe, fm = fmax_bits(fp8_dtype)
+    k = (fe - (((b >> 23) & 0xFF) - 127) - ((b & 0x7FFFFF) > fm).int() - margin).clamp(-126, 126)
+    scale = ((k + 127) << 23).view(torch.float32)
+    return torch.where(torch.isfinite(a) & (a > 0), scale, torch.ones_like(scale))
+
+
+def cast_to_fp8_ref(x, fp8_dtype, scale, amax=None, transpose=False, pad_t=1, stats=None, out=None,
+                    scale_inv_out=None, margin=0):
     """Pure-torch reference of cast_to_fp8 (same arguments and results)."""
     xf = x.float()
-    if amax is not None:
+    if scale is None:  # just-in-time scale from the amax given
+        scale = pow2_scale_ref(amax, fp8_dtype, margin)
+        scale_inv_out.copy_(1.0 / scale)
+    elif amax is not None:
         ax = torch.where(torch.isnan(xf), torch.full_like(xf, float("inf")), xf.abs())
         amax.copy_(torch.maximum(amax, ax.amax() if ax.numel() else torch.zeros_like(amax)))
     fmax = fp8_max(fp8_dtype)
@@ -130,11 +188,12 @@ def cast_to_fp8_ref(x, fp8_dtype, scale, amax=None, transpose=False, pad_t=1, st
         stats[0] += (xs.abs() >= fmax).sum().to(stats.dtype)
         stats[1] += ((xf != 0) & (xs.abs() < tiny * 0.5)).sum().to(stats.dtype)
     y = xs.clamp(-fmax, fmax).to(fp8_dtype)  # clamp keeps NaN
+    if out is not None:
+        y = out.copy_(y)
     y_t = None
     if transpose:
         M, N = x.shape
-        MT = round_up(M, pad_t)
-        y_t = torch.zeros(N, MT, dtype=fp8_dtype, device=x.device)
+        y_t = torch.zeros(N, round_up(M, pad_t), dtype=fp8_dtype, device=x.device)
         y_t[:, :M] = y.t()
     return y, y_t
 
@@ -142,41 +201,55 @@ def cast_to_fp8_ref(x, fp8_dtype, scale, amax=None, transpose=False, pad_t=1, st
 def cast_to_fp8(
     x: torch.Tensor,
     fp8_dtype: torch.dtype,
-    scale: torch.Tensor,
+    scale: Optional[torch.Tensor],
     amax: Optional[torch.Tensor] = None,
     transpose: bool = False,
     pad_t: int = 1,
     stats: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    scale_inv_out: Optional[torch.Tensor] = None,
+    margin: int = 0,
 ):
     """x (M, N) HP -> (x_fp8 (M, N), x_fp8_t (N, round_up(M, pad_t)) or None).
 
-    scale: float32 tensor of 1 element (device). amax: float32 tensor of 1 element, updated with
-    max(amax, max|x|) (NaN counts as inf). stats: int32 tensor of 2, += (#saturated, #flushed to 0).
+    Delayed scaling: scale = float32 tensor of 1 element; amax (1 element) is updated with
+    max(amax, max|x|) (NaN counts as inf). Just in time: scale=None, amax holds max|x| already
+    (amax_into, or a GEMM epilogue), the kernel derives the power-of-two scale and writes 1/scale to
+    scale_inv_out. stats: int32 tensor of 2, += (#saturated, #flushed to 0). out: preallocated y.
     """
     assert x.dim() == 2, f"cast_to_fp8 takes a 2-D tensor, got shape {tuple(x.shape)}"
     assert x.dtype in HP_DTYPES, f"cast_to_fp8 reads float32/bfloat16/float16, got {x.dtype}"
     assert fp8_dtype in FP8_DTYPES, f"fp8_dtype must be E4M3 or E5M2, got {fp8_dtype}"
-    assert scale.numel() == 1 and scale.dtype == torch.float32 and scale.device == x.device
+    jit = scale is None
+    if jit:
+        assert amax is not None and scale_inv_out is not None, "a just-in-time cast needs amax and scale_inv_out"
+    else:
+        assert scale.numel() == 1 and scale.dtype == torch.float32 and scale.device == x.device
     assert amax is None or (amax.numel() == 1 and amax.dtype == torch.float32 and amax.is_contiguous())
     assert stats is None or (stats.numel() == 2 and stats.dtype == torch.int32)
+    assert out is None or (out.shape == x.shape and out.dtype == fp8_dtype and out.is_contiguous())
     if not use_triton(x):
-        return cast_to_fp8_ref(x, fp8_dtype, scale, amax, transpose, pad_t, stats)
+        return cast_to_fp8_ref(x, fp8_dtype, scale, amax, transpose, pad_t, stats, out, scale_inv_out, margin)
     M, N = x.shape
     MT = round_up(M, pad_t) if transpose else M
-    y = torch.empty(M, N, dtype=fp8_dtype, device=x.device)
+    y = out if out is not None else torch.empty(M, N, dtype=fp8_dtype, device=x.device)
     y_t = torch.empty(N, MT, dtype=fp8_dtype, device=x.device) if transpose else None
     fi = torch.finfo(fp8_dtype)
+    fe, fm = fmax_bits(fp8_dtype)
+    dummy = amax if amax is not None else y
     # 64x128 tiles: 16 KB of bf16 per program, enough bytes in flight per SM; the transposed
-    # store goes through shared memory (layout conversion by the compiler)
+    # store goes through shared memory (layout conversion by the compiler). 90% of copy bandwidth.
     BM, BN = (64, 128) if not INTERPRET else (16, 32)
     grid = (triton.cdiv(MT, BM), triton.cdiv(N, BN))
     _cast_kernel[grid](
-        x, y, y_t if transpose else y, scale, amax if amax is not None else scale,
-        stats if stats is not None else scale,
+        x, y, y_t if transpose else y, scale if not jit else dummy, dummy,
+        stats if stats is not None else dummy, scale_inv_out if jit else dummy,
         M, N, MT, x.stride(0), x.stride(1),
         FP8_MAX=fi.max, FP8_MIN_SUB=fi.smallest_normal * fi.eps,
-        TRANSPOSE=transpose, HAS_AMAX=amax is not None, HAS_STATS=stats is not None,
-        SOFT_CVT=INTERPRET or x.dtype == torch.float32, MANT=3 if fp8_dtype == E4M3 else 2, MIN_EXP=-6 if fp8_dtype == E4M3 else -14,
+        TRANSPOSE=transpose, HAS_AMAX=amax is not None and not jit, HAS_STATS=stats is not None,
+        JIT_SCALE=jit, FMAX_EXP=fe, FMAX_MANT=fm, MARGIN=margin,
+        SOFT_CVT=INTERPRET or x.dtype == torch.float32, MANT=3 if fp8_dtype == E4M3 else 2,
+        MIN_EXP=-6 if fp8_dtype == E4M3 else -14,
         BLOCK_M=BM, BLOCK_N=BN, num_warps=8 if not INTERPRET else 1,
     )
     return y, y_t
@@ -199,23 +272,30 @@ def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, scale, bias_ptr, c_ptr, offs_m, offs_n, M, N, stride_cm,
-              HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr):
+def _epilogue(acc, scale, bias_ptr, c_ptr, prev_ptr, prev_si_ptr, amax_ptr, offs_m, offs_n, M, N, stride_cm,
+              HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, ACC_FP8: tl.constexpr, HAS_AMAX: tl.constexpr):
+    """acc * scale (+ bias) (+ C) (+ prev FP8 * prev_scale_inv); atomic max of |result| into amax."""
     acc = acc * scale
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     if ACCUMULATE:
-        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         acc += tl.load(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    if ACC_FP8:  # running FP8 sum (same shape as C); scale_inv 0 means empty, whatever the bytes hold
+        psi = tl.load(prev_si_ptr)
+        prev = tl.load(prev_ptr + offs_m[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += tl.where(psi != 0, prev * psi, 0.0)
+    if HAS_AMAX:  # out-of-range rows/cols hold 0 (zero-filled loads), so they never win
+        tl.atomic_max(amax_ptr, tl.max(tl.max(tl.where(acc == acc, tl.abs(acc), float("inf")), axis=1), axis=0))
     return acc
 
 
 @triton.jit
 def _gemm_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr, a_si_ptr, b_si_ptr,  # pointers
+    a_ptr, b_ptr, c_ptr, bias_ptr, a_si_ptr, b_si_ptr, prev_ptr, prev_si_ptr, amax_ptr,  # pointers
     M, N, K,  # sizes
     stride_am, stride_bn, stride_cm,  # row strides (K and N are contiguous)
-    HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, ACC_FP8: tl.constexpr, HAS_AMAX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Portable tiled FP8 GEMM (Ada, Hopper without TMA, the interpreter)."""
@@ -234,7 +314,8 @@ def _gemm_kernel(
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     scale = tl.load(a_si_ptr) * tl.load(b_si_ptr)
-    acc = _epilogue(acc, scale, bias_ptr, c_ptr, offs_m, offs_n, M, N, stride_cm, HAS_BIAS, ACCUMULATE)
+    acc = _epilogue(acc, scale, bias_ptr, c_ptr, prev_ptr, prev_si_ptr, amax_ptr, offs_m, offs_n, M, N, stride_cm,
+                    HAS_BIAS, ACCUMULATE, ACC_FP8, HAS_AMAX)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
 
@@ -248,23 +329,29 @@ def _tma_hook(nargs):
 
 
 def _tma_configs():
-    # Hopper: 128x256x128 with 8 warps (two consumer warpgroups) is the big-GEMM workhorse;
+    # Hopper: 128x256x128 with 8 warps (two consumer warpgroups) is the big-GEMM workhorse; its
+    # BF16 epilogue fits beside 4 stages only when stored in two halves (EPI_SPLIT=2: 32 KB staging);
     # 128x128 tiles fill the 132 SMs on the thin N=768 shapes. 4 warps at 128x256 spill.
+    # (BM, BN, BK, stages, warps, EPI_SPLIT, GROUP_M); swept on an H100, see bench.py gemm
+    table = [(128, 256, 128, 4, 8, 2, 8), (128, 256, 128, 4, 8, 2, 16), (128, 256, 128, 4, 8, 2, 4),
+             (128, 256, 128, 3, 8, 1, 8), (128, 256, 128, 3, 8, 2, 8), (128, 256, 64, 6, 8, 2, 8),
+             (128, 128, 128, 5, 4, 1, 8), (128, 128, 128, 5, 4, 2, 8), (128, 128, 128, 4, 8, 1, 8),
+             (256, 128, 128, 3, 8, 2, 8), (256, 128, 128, 3, 8, 1, 8)]
     cfgs = []
-    for BM, BN, BK, stages, warps in [(128, 256, 128, 4, 8), (128, 256, 128, 3, 8), (128, 128, 128, 4, 8),
-                                      (128, 128, 128, 5, 4), (256, 128, 128, 3, 8), (128, 64, 128, 6, 4)]:
-        for split in (1, 2):
-            cfgs.append(triton.Config({"BLOCK_M": BM, "BLOCK_N": BN, "BLOCK_K": BK, "GROUP_M": 8, "EPI_SPLIT": split},
-                                      num_stages=stages, num_warps=warps, pre_hook=_tma_hook))
+    for BM, BN, BK, stages, warps, split, group in table:
+        cfgs.append(triton.Config({"BLOCK_M": BM, "BLOCK_N": BN, "BLOCK_K": BK, "GROUP_M": group, "EPI_SPLIT": split},
+                                  num_stages=stages, num_warps=warps, pre_hook=_tma_hook))
     return cfgs
 
 
-@triton.autotune(configs=_tma_configs(), key=["M", "N", "K", "HAS_BIAS", "ACCUMULATE"], restore_value=["c_ptr"])
+@triton.autotune(configs=_tma_configs(), key=["M", "N", "K", "HAS_BIAS", "ACCUMULATE", "ACC_FP8"],
+                 restore_value=["c_ptr", "amax_ptr"])
 @triton.jit
 def _gemm_tma_kernel(
-    a_desc, b_desc, c_desc, c_ptr, bias_ptr, a_si_ptr, b_si_ptr,  # descriptors and pointers
+    a_desc, b_desc, c_desc, c_ptr, bias_ptr, a_si_ptr, b_si_ptr, prev_ptr, prev_si_ptr, amax_ptr,  # descriptors, pointers
     M, N, K, stride_cm,  # sizes
-    HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, NUM_SMS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, ACC_FP8: tl.constexpr, HAS_AMAX: tl.constexpr,
+    NUM_SMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EPI_SPLIT: tl.constexpr,
 ):
@@ -293,26 +380,37 @@ def _gemm_tma_kernel(
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         if EPI_SPLIT == 1:
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            c = _epilogue(acc, scale, bias_ptr, c_ptr, offs_m, offs_n, M, N, stride_cm, HAS_BIAS, ACCUMULATE)
+            c = _epilogue(acc, scale, bias_ptr, c_ptr, prev_ptr, prev_si_ptr, amax_ptr, offs_m, offs_n, M, N, stride_cm,
+                          HAS_BIAS, ACCUMULATE, ACC_FP8, HAS_AMAX)
             c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], c.to(c_desc.dtype))
         else:
             acc2 = tl.permute(tl.reshape(acc, (BLOCK_M, 2, SUB_N)), (0, 2, 1))
             acc0, acc1 = tl.split(acc2)
             offs_n = pid_n * BLOCK_N + tl.arange(0, SUB_N)
-            c0 = _epilogue(acc0, scale, bias_ptr, c_ptr, offs_m, offs_n, M, N, stride_cm, HAS_BIAS, ACCUMULATE)
+            c0 = _epilogue(acc0, scale, bias_ptr, c_ptr, prev_ptr, prev_si_ptr, amax_ptr, offs_m, offs_n, M, N,
+                           stride_cm, HAS_BIAS, ACCUMULATE, ACC_FP8, HAS_AMAX)
             c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], c0.to(c_desc.dtype))
-            c1 = _epilogue(acc1, scale, bias_ptr, c_ptr, offs_m, offs_n + SUB_N, M, N, stride_cm, HAS_BIAS, ACCUMULATE)
+            c1 = _epilogue(acc1, scale, bias_ptr, c_ptr, prev_ptr, prev_si_ptr, amax_ptr, offs_m, offs_n + SUB_N, M, N,
+                           stride_cm, HAS_BIAS, ACCUMULATE, ACC_FP8, HAS_AMAX)
             c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + SUB_N], c1.to(c_desc.dtype))
 
 
-def fp8_gemm_ref(a, b, a_scale_inv, b_scale_inv, out_dtype=torch.bfloat16, bias=None, out=None):
+def fp8_gemm_ref(a, b, a_scale_inv, b_scale_inv, out_dtype=torch.bfloat16, bias=None, out=None,
+                 acc_fp8=None, amax_out=None):
     """Pure-torch reference: dequantize, matmul in FP32, same epilogue."""
     c = (a.float() @ b.float().t()) * (a_scale_inv.float() * b_scale_inv.float())
     if bias is not None:
         c = c + bias.float()
     if out is not None:
-        out.copy_(out.float() + c)
-        return out
+        c = out.float() + c
+    if acc_fp8 is not None:
+        prev, psi = acc_fp8
+        c = c + torch.where(psi != 0, prev.float() * psi, torch.zeros_like(psi))
+    if amax_out is not None:
+        ax = torch.where(torch.isnan(c), float("inf"), c.abs())
+        amax_out.copy_(torch.maximum(amax_out, ax.amax().reshape(1)))
+    if out is not None:
+        return out.copy_(c)
     return c.to(out_dtype)
 
 
@@ -339,11 +437,15 @@ def fp8_gemm(
     out_dtype: torch.dtype = torch.bfloat16,
     bias: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
+    acc_fp8: Optional[tuple] = None,
+    amax_out: Optional[torch.Tensor] = None,
     backend: str = "triton",
 ) -> torch.Tensor:
     """a (M, K) FP8 x b (N, K) FP8 -> (M, N) out_dtype = (a @ b^T) * a_scale_inv * b_scale_inv (+bias).
 
-    With out= (M, N) the product is added to out in place (accumulate) and out is returned.
+    out= (M, N): the product is added to out in place (accumulate) and out is returned.
+    acc_fp8=(prev (M, N) FP8, prev_scale_inv): adds prev * prev_scale_inv (0 = empty) to the result.
+    amax_out (float32, 1 element): max(amax_out, max|result|), for a just-in-time cast that follows.
     E4M3 x E4M3 or E5M2 x E4M3 (either order); both operands K-major (row-major, K contiguous).
     """
     assert a.dim() == 2 and b.dim() == 2, "fp8_gemm takes 2-D operands"
@@ -361,16 +463,23 @@ def fp8_gemm(
     if out is not None:
         assert out.shape == (M, N) and out.stride(1) == 1 and out.dtype in (torch.bfloat16, torch.float32)
         out_dtype = out.dtype
+    if acc_fp8 is not None:
+        assert acc_fp8[0].shape == (M, N) and acc_fp8[0].is_contiguous() and acc_fp8[0].dtype in FP8_DTYPES
+    assert amax_out is None or (amax_out.numel() == 1 and amax_out.dtype == torch.float32)
     if not use_triton(a):
-        return fp8_gemm_ref(a, b, a_scale_inv, b_scale_inv, out_dtype, bias, out)
-    if backend == "cublas" and out is None:
+        return fp8_gemm_ref(a, b, a_scale_inv, b_scale_inv, out_dtype, bias, out, acc_fp8, amax_out)
+    if backend == "cublas" and out is None and acc_fp8 is None and amax_out is None:
         return _scaled_mm(a, b, a_scale_inv, b_scale_inv, out_dtype, bias)
     c = out if out is not None else torch.empty(M, N, dtype=out_dtype, device=a.device)
     if M == 0 or N == 0:
         return c
-    if K == 0:
-        return c.zero_() if out is None else c
+    if K == 0:  # nothing to multiply; the epilogue alone (TMA descriptors cannot be empty)
+        return fp8_gemm_ref(a, b, a_scale_inv, b_scale_inv, out_dtype, bias, out, acc_fp8, amax_out)
     bias_arg = bias if bias is not None else a_scale_inv
+    prev, prev_si = acc_fp8 if acc_fp8 is not None else (a_scale_inv, a_scale_inv)
+    amax_arg = amax_out if amax_out is not None else a_scale_inv
+    flags = dict(HAS_BIAS=bias is not None, ACCUMULATE=out is not None, ACC_FP8=acc_fp8 is not None,
+                 HAS_AMAX=amax_out is not None)
     if _has_tma(a) and not INTERPRET and (N * c.element_size()) % 16 == 0 and c.stride(0) == N:
         from triton.tools.tensor_descriptor import TensorDescriptor
         dev = a.device.index or 0
@@ -385,13 +494,13 @@ def fp8_gemm(
         def grid(meta):
             return (min(nsm, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
 
-        _gemm_tma_kernel[grid](a_desc, b_desc, c_desc, c, bias_arg, a_scale_inv, b_scale_inv, M, N, K, c.stride(0),
-                               HAS_BIAS=bias is not None, ACCUMULATE=out is not None, NUM_SMS=nsm)
+        _gemm_tma_kernel[grid](a_desc, b_desc, c_desc, c, bias_arg, a_scale_inv, b_scale_inv, prev, prev_si, amax_arg,
+                               M, N, K, c.stride(0), **flags, NUM_SMS=nsm)
         return c
     BM, BN, BK = (128, 128, 64) if not INTERPRET else (16, 16, 32)
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
-    _gemm_kernel[grid](a, b, c, bias_arg, a_scale_inv, b_scale_inv, M, N, K, a.stride(0), b.stride(0), c.stride(0),
-                       HAS_BIAS=bias is not None, ACCUMULATE=out is not None,
+    _gemm_kernel[grid](a, b, c, bias_arg, a_scale_inv, b_scale_inv, prev, prev_si, amax_arg,
+                       M, N, K, a.stride(0), b.stride(0), c.stride(0), **flags,
                        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=8,
                        num_warps=8 if not INTERPRET else 1, num_stages=4 if not INTERPRET else 1)
     return c

@@ -68,6 +68,16 @@ def test_scale_for_known_amax(amax, margin, expected):
     assert s.item() * amax <= 448.0 or expected == 2.0 ** 126  # never saturates the amax itself
 
 
+def test_integer_scale_matches_float64_formula():
+    # the kernels derive scales from the fp32 bits of amax; check against the real-number formula
+    amax = torch.cat([torch.exp(torch.empty(20000).uniform_(-60, 60)), torch.tensor([448.0, 224.0, 57344.0, 1.0])])
+    for dt in (E4M3, E5M2):
+        for margin in (0, 2):
+            got = torch.stack([fp8.amax_to_scale(a, dt, margin, torch.ones(1)) for a in amax[:2000]]).flatten()
+            exp = torch.floor(torch.log2(kernels.fp8_max(dt) / amax[:2000].double())) - margin
+            assert torch.equal(got.double(), torch.exp2(exp.clamp(-126, 126)))
+
+
 @pytest.mark.parametrize("bad", [0.0, float("nan"), float("inf")])
 def test_scale_keeps_previous_on_zero_or_nonfinite(bad):
     assert fp8.amax_to_scale(torch.tensor([bad]), E5M2, 0, torch.tensor([8.0])).item() == 8.0
@@ -97,6 +107,28 @@ def test_nonfinite_amax_keeps_scale_and_is_counted():
         assert meta.scale.item() == s
     assert meta.n_nonfinite.item() == 2
     assert torch.isfinite(meta.amax_history).all()  # never enters the history
+
+
+def test_packed_update_equals_per_meta_update():
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(fp8.FP8Linear(32, 64), fp8.FP8Linear(64, 32))
+    a, b = model(), model()
+    metas_a = [m for m in a.modules() if isinstance(m, fp8.ScalingMeta)]
+    metas_b = [m for m in b.modules() if isinstance(m, fp8.ScalingMeta)]
+    for step in range(20):
+        if step == 10:  # new tensors under the metas (as .to(device) makes): the pack must follow
+            a._apply(lambda t: t.clone())
+        for ma, mb in zip(metas_a, metas_b):
+            v = float(torch.empty(1).uniform_(-8, 8).exp2()) if step != 5 else float("nan")
+            ma.amax_history[0] = v
+            mb.amax_history[0] = v
+        fp8.update_scaling(a)  # packed: all metas in one vectorized update
+        for mb in metas_b:
+            mb.update()
+        for ma, mb in zip(metas_a, metas_b):
+            assert torch.equal(ma.scale, mb.scale) and torch.equal(ma.amax_history, mb.amax_history)
+            assert ma.n_nonfinite.item() == mb.n_nonfinite.item() == 1 or step < 5
 
 
 def test_meta_state_dict_roundtrip():
@@ -174,6 +206,26 @@ def test_cast_sqnr():
         assert sqnr(x, y.float() / s) >= floor
 
 
+@needs_triton
+@pytest.mark.parametrize("fp8_dtype", [E4M3, E5M2])
+def test_just_in_time_cast_derives_scale_in_kernel(fp8_dtype):
+    x = torch.randn(*shapes((40, 48), (3001, 1024)), device=DEV) * 3e-3
+    amax = kernels.amax_into(x, torch.zeros(1, device=DEV))
+    assert amax.item() == x.abs().max().item()
+    si, si_ref = torch.zeros(1, device=DEV), torch.zeros(1, device=DEV)
+    out = torch.empty(x.shape, dtype=fp8_dtype, device=DEV)
+    y, y_t = kernels.cast_to_fp8(x, fp8_dtype, None, amax, transpose=True, out=out, scale_inv_out=si)
+    y_ref, _ = kernels.cast_to_fp8_ref(x, fp8_dtype, None, amax, scale_inv_out=si_ref)
+    assert y.data_ptr() == out.data_ptr() and _bits_equal(y, y_ref) and _bits_equal(y_t.t(), y)
+    assert si.item() == si_ref.item() == 1.0 / fp8.amax_to_scale(amax, fp8_dtype, 0, torch.ones(1, device=DEV)).item()
+    assert y.float().abs().max().item() <= kernels.fp8_max(fp8_dtype)  # the amax itself never saturates
+    x[0, 0] = float("nan")
+    nan_amax = kernels.amax_into(x, torch.zeros(1, device=DEV))
+    assert nan_amax.item() == float("inf")
+    kernels.cast_to_fp8(x, fp8_dtype, None, nan_amax, out=out, scale_inv_out=si)
+    assert si.item() == 1.0  # a non-finite amax falls back to scale 1
+
+
 def test_cast_rejects_bad_input():
     s = torch.ones(1)
     with pytest.raises(AssertionError):
@@ -221,6 +273,21 @@ def test_gemm_accumulate_into_output():
     res = kernels.fp8_gemm(a, b, si, si, out=out)
     assert res.data_ptr() == out.data_ptr()
     assert rel_err(ref, out) < GEMM_REL_TOL_FP32
+
+
+@needs_triton
+def test_gemm_epilogue_accumulates_fp8_and_takes_amax():
+    M, N, K = shapes((24, 40, 32), (640, 1040, 512))
+    a, b = _rand_fp8((M, K), E5M2), _rand_fp8((N, K), E4M3)
+    si = torch.tensor([2.0 ** -5], device=DEV)
+    prev = _rand_fp8((M, N), E4M3)
+    for prev_si in (0.0, 0.125):  # 0 = an empty running sum: the bytes are ignored
+        psi = torch.tensor([prev_si], device=DEV)
+        amax = torch.zeros(1, device=DEV)
+        c = kernels.fp8_gemm(a, b, si, si, torch.float32, acc_fp8=(prev, psi), amax_out=amax)
+        ref = (a.double() @ b.double().t()) * 2.0 ** -10 + prev.double() * prev_si
+        assert rel_err(ref, c) < GEMM_REL_TOL_FP32
+        assert amax.item() == c.abs().max().item()
 
 
 @needs_gpu
@@ -317,6 +384,19 @@ def test_delayed_scaling_in_linear_records_and_updates():
     fp8.update_scaling(lin)
     assert lin.x_meta.scale.item() == 2.0 ** math.floor(math.log2(448 / x.abs().max().item()))
     assert lin.x_meta.amax_history[0].item() == 0.0
+
+
+def test_fp8_weight_copy_refreshed_after_update_scaling():
+    ref, lin = _pair(32, 48)
+    x = torch.randn(16, 32, device=DEV)
+    y0 = lin(x).detach()
+    with torch.no_grad():
+        lin.weight.mul_(-1.0)
+    assert torch.equal(lin(x).detach(), y0)  # within a step the cached FP8 weight is reused
+    fp8.update_scaling(lin)  # what the trainer calls after every optimizer step
+    assert sqnr(ref(x) * -1 if lin.bias is None else x @ -ref.weight.t() + ref.bias, lin(x)) >= SQNR_LINEAR_OUT
+    lin.load_state_dict({k: v for k, v in lin.state_dict().items()})  # loading also refreshes it
+    assert lin._weight_fp8_t is None
 
 
 def test_convert_to_fp8_filter_and_levels():
