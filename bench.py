@@ -104,11 +104,25 @@ def bench_cast(args) -> dict:
     return {"copy_gbs": copy_gbs, "rows": rows}
 
 
+def cuda_graph(fn, warmup=3):
+    """Capture fn (after warm-up on a side stream) into a CUDA graph: no host launch cost on replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
 def bench_linear(args) -> dict:
     """FP8Linear vs BF16 nn.Linear (autocast), forward + backward, at GPT shapes (tokens, in, out)."""
     import fp8
     rows = []
-    print(f"{'tokens':>6} {'in':>5} {'out':>5} | {'bf16 ms':>8} {'fp8 ms':>8} {'speedup':>8}")
+    print(f"{'tokens':>6} {'in':>5} {'out':>5} | {'bf16 ms':>8} {'fp8 ms':>8} {'speedup':>8} | (eager, then graphed)")
     for M, K, N in [(16384, 768, 2304), (16384, 768, 3072), (16384, 3072, 768), (16384, 2048, 8192),
                     (16384, 8192, 2048), (16384, 2048, 6144)]:
         ref = torch.nn.Linear(K, N, device="cuda")
@@ -124,9 +138,13 @@ def bench_linear(args) -> dict:
                 fp8.update_scaling(lin)  # once per optimizer step: re-casts the weight next time
         step(lin)
         t_bf16, t_fp8 = median_ms(lambda: step(ref)), median_ms(lambda: step(lin))
-        r = {"M": M, "K": K, "N": N, "bf16_ms": t_bf16, "fp8_ms": t_fp8, "speedup": t_bf16 / t_fp8}
+        g_bf16, g_fp8 = cuda_graph(lambda: step(ref)), cuda_graph(lambda: step(lin))
+        tg_bf16, tg_fp8 = median_ms(g_bf16.replay), median_ms(g_fp8.replay)
+        r = {"M": M, "K": K, "N": N, "bf16_ms": t_bf16, "fp8_ms": t_fp8, "speedup": t_bf16 / t_fp8,
+             "graph_bf16_ms": tg_bf16, "graph_fp8_ms": tg_fp8, "graph_speedup": tg_bf16 / tg_fp8}
         rows.append(r)
-        print(f"{M:>6} {K:>5} {N:>5} | {t_bf16:8.3f} {t_fp8:8.3f} {r['speedup']:7.2f}x", flush=True)
+        print(f"{M:>6} {K:>5} {N:>5} | {t_bf16:8.3f} {t_fp8:8.3f} {r['speedup']:7.2f}x | CUDA graph "
+              f"{tg_bf16:8.3f} {tg_fp8:8.3f} {r['graph_speedup']:7.2f}x", flush=True)
     return {"rows": rows}
 
 

@@ -1,30 +1,25 @@
 """
-comm.py: torchrun setup/teardown, the auto-scaled FP8 gradient all-reduce and the greedy
-whole-tensor partition of FP8 ZeRO (level 3).
+comm.py: torchrun setup/teardown, auto-scaled FP8 gradient all-reduce, greedy FP8 ZeRO partition.
 
-FP8-LM (arXiv 2310.18313) section 2.2, "FP8 gradient and all-reduce communication":
-  - automatic scaling: gradients are pre-scaled by a factor mu that halves in the step after the
-    fraction of values clipped at the FP8 maximum passes a threshold (paper: 0.001%) and doubles
-    after `growth_interval` clean steps (paper: x2 over 1000 steps). mu is a power of two, so the
-    FP8 -> FP8 re-scale of an E4M3 gradient is exact unless it clips or underflows.
-  - one scale per tensor shared by all ranks (the paper's s'_g = min_i s'_i): one all-reduce MAX of
-    all amaxes, a single collective that also carries last step's saturation and any NaN/Inf.
-  - the sum: the paper patches NCCL to add FP8. Stock NCCL/gloo only moves bytes here: FP8 (uint8)
-    reduce-scatter via all_to_all_single, local FP32 sum of the W chunks, re-quantization of the
-    reduced shard with the same shared scale (so no per-element scale is needed), FP8 all-gather.
-    Each phase carries 1 byte per element: half the bytes of a BF16 ring all-reduce. Every shard is
-    reduced by one rank only and then copied byte for byte, so all ranks end bitwise identical.
-  - Algorithm 1 (greedy allocation of whole tensors to ranks for ZeRO): greedy_partition.
+FP8-LM (arXiv 2310.18313) section 2.2 and Algorithm 1:
+  - automatic scaling: gradients are pre-scaled by mu, halved in the step after the fraction of values
+    clipped at the E4M3 max passes a threshold (paper 0.001%), doubled after growth_interval clean steps.
+  - one scale per tensor shared by all ranks (the paper's s'_g = min_i s'_i): one all-reduce MAX of all
+    amaxes, which also carries last step's clipping and any NaN/Inf (found_inf on every rank).
+  - the sum without a patched NCCL: FP8 (uint8) reduce-scatter via all_to_all_single, local FP32 sum,
+    re-quantization of the reduced shard with the same shared scale, FP8 all-gather. 1 byte per element
+    per phase (half of BF16); each shard is reduced on one rank and copied byte for byte: bitwise equal.
+  - greedy allocation of whole tensors to ranks (Algorithm 1) and an owner-ordered layout for level 3.
 
-Usage (torchrun):  env = setup(); reducer = FP8AllReduce(env.world_size)
-                   found_inf = reducer(grads)  # grads: list of FP8Tensor | float tensor, in place
-                   teardown()
-Tests: test_comm.py (2 CPU processes, gloo).  Benchmark: scratch/bench_comm.py (2 GPUs, NCCL).
+Usage: env = setup(); red = FP8AllReduce(env.world_size); found_inf = red(grads); teardown()
+Tests: test_comm.py (2 CPU processes, gloo). Benchmark: scratch/bench_comm.py (torchrun, 2 GPUs).
 """
 import heapq
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
+from itertools import accumulate
 from typing import Optional, Sequence, Union
 
 import torch
@@ -34,13 +29,14 @@ import triton.language as tl
 
 import kernels
 from fp8 import FP8Tensor
-from kernels import E4M3, _round_to_fp8_grid, fp8_max
+from kernels import E4M3, _soft_fp8, fp8_max
 
 Grad = Union[FP8Tensor, torch.Tensor]
 DEFAULT_TIMEOUT_S = 300.0  # a dead rank makes the others raise after this long instead of hanging
 ALIGN = 16  # bytes: every bucket shard starts 16-byte aligned (vector loads, NCCL fast path)
 BUCKET_BYTES = 64 << 20  # a few large collectives per step; 64 MiB messages reach NVLink bandwidth
 BLOCK = 4096  # elements per Triton program: 4 KB of FP8 in, memory-bound
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.1x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,20 +50,15 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
-
-    @property
-    def is_master(self) -> bool:
-        return self.rank == 0
+    is_master: bool
 
 
 def setup(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistEnv:
     """Join the torchrun process group (env RANK / WORLD_SIZE / LOCAL_RANK): NCCL on CUDA, gloo on
     CPU. Without torchrun's env: a single process, no group. device: "auto" | "cuda" | "cpu"."""
-    if device not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
     cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if cuda and not torch.cuda.is_available():
-        raise ValueError("device=cuda but no GPU is visible; use --device=cpu")
+    if device not in ("auto", "cuda", "cpu") or (cuda and not torch.cuda.is_available()):
+        raise ValueError(f"device must be auto, cuda (with a visible GPU) or cpu, got {device!r}; try --device=cpu")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     dev = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -80,7 +71,7 @@ def setup(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistEnv
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast (lent H200s, KINDS.md)
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s), device_id=dev if cuda else None)
-    return DistEnv(rank, world, local_rank, dev)
+    return DistEnv(rank, world, local_rank, dev, rank == 0)
 
 
 def teardown() -> None:
@@ -108,32 +99,67 @@ def greedy_partition(sizes: Sequence[int], world_size: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# kernels: pre-scale (any -> E4M3, counting clips) and shard sum + re-quantization (W x E4M3 -> E4M3)
+# kernels: pre-scale (any -> E4M3, counting clips) and shard sum + re-quantization (W x E4M3 -> E4M3).
+# They belong in kernels.py (DESIGN: it owns the Triton kernels); here until the lead moves them.
 
 
 @triton.jit
-def _prescale_kernel(
-    x_ptr, y_ptr, ratio_ptr, sat_ptr,  # pointers: x (n,) FP8/float, y flat E4M3, ratios (n_tensors,)
-    n, y_off, ratio_idx,  # sizes / offsets: y[y_off + i] = sat(x[i] * ratios[ratio_idx])
-    FP8_MAX: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK: tl.constexpr,
+def _block_of(ptrs, meta, blocks, NB, DT: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's block of a multi-tensor table (see _Group): (pointers into the tensor, mask,
+    offsets in the bucket, tensor index). One launch covers every tensor of a dtype in a bucket."""
+    pid = tl.program_id(0)
+    t = tl.load(blocks + pid)  # table row
+    offs = tl.load(blocks + NB + pid) + tl.arange(0, BLOCK)  # elements of that tensor
+    mask = offs < tl.load(meta + 3 * t)
+    x_ptr = tl.load(ptrs + t).to(tl.pointer_type(DT))
+    return x_ptr + offs, mask, tl.load(meta + 3 * t + 1) + offs, tl.load(meta + 3 * t + 2)
+
+
+@triton.jit
+def _mt_amax_kernel(ptrs, meta, blocks, amax_ptr, NB, SRC: tl.constexpr, IS_FP8: tl.constexpr, BLOCK: tl.constexpr):
+    x_ptrs, mask, _, i = _block_of(ptrs, meta, blocks, NB, SRC, BLOCK)
+    raw = tl.load(x_ptrs, mask=mask, other=0.0)
+    x = raw.to(tl.float32)
+    nan = x != x
+    if IS_FP8:  # E4M3 NaN by its bits: the interpreter decodes 0x7F as 480
+        nan = nan | ((raw.to(tl.uint8, bitcast=True) & 0x7F) == 0x7F)
+    tl.atomic_max(amax_ptr + i, tl.max(tl.where(nan, float("inf"), tl.abs(x)), axis=0))  # NaN -> inf
+
+
+@triton.jit
+def _mt_prescale_kernel(
+    ptrs, meta, blocks, flat_ptr, ratio_ptr, sat_ptr,  # pointers: table, bucket (uint8), ratios (n,), clip count
+    NB,  # sizes: blocks in the table
+    SRC: tl.constexpr, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    r = tl.load(ratio_ptr + ratio_idx)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x_ptrs, mask, y_offs, i = _block_of(ptrs, meta, blocks, NB, SRC, BLOCK)
+    r = tl.load(ratio_ptr + i)
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     xs = tl.where(r == 0.0, 0.0, x * r)  # ratio 0: an empty gradient (its data may be stale)
     tl.atomic_add(sat_ptr, tl.sum((tl.abs(xs) > FP8_MAX).to(tl.int64), axis=0))
     y = tl.clamp(xs, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-    if EXACT_ROUND:  # the interpreter's float8 conversion needs exact inputs (kernels.py)
-        y = _round_to_fp8_grid(y, 3, -6)
-    tl.store(y_ptr + y_off + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    # fp32 -> E4M3 by integer arithmetic (kernels._soft_fp8): hardware conversion from fp32 is not
+    # trusted (miscompiled by Triton 3.6 on H100; the interpreter drops carries and NaN)
+    tl.store(flat_ptr + y_offs, _soft_fp8(y, 3, -6), mask=mask)
+
+
+@triton.jit
+def _mt_unpack_kernel(
+    ptrs, meta, blocks, src_ptr, inv_ptr,  # pointers: table (float tensors), reduced E4M3, scale_inv (n,)
+    NB, base, span,  # sizes: src holds bucket elements [base, base + span) (level 3: my shard only)
+    DST: tl.constexpr, BLOCK: tl.constexpr,
+):
+    x_ptrs, mask, src_offs, i = _block_of(ptrs, meta, blocks, NB, DST, BLOCK)
+    mask = mask & (src_offs >= base) & (src_offs < base + span)
+    y = tl.load(src_ptr + src_offs - base, mask=mask, other=0.0).to(tl.float32) * tl.load(inv_ptr + i)
+    tl.store(x_ptrs, y.to(DST), mask=mask)
 
 
 @triton.jit
 def _sum_requant_kernel(
-    x_ptr, y_ptr,  # pointers: x (W, S) E4M3 (chunk r from rank r), y (S,) E4M3
+    x_ptr, y_ptr,  # pointers: x (W, S) E4M3 (chunk r from rank r), y (S,) uint8 (E4M3 bits)
     S, inv_w,  # sizes, 1/W
-    W: tl.constexpr, FP8_MAX: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK: tl.constexpr,
+    W: tl.constexpr, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < S
@@ -141,26 +167,46 @@ def _sum_requant_kernel(
     for r in tl.static_range(W):  # rank order: fixed, and exact anyway for W <= 64 (see _sum_requant)
         acc += tl.load(x_ptr + r * S + offs, mask=mask, other=0.0).to(tl.float32)
     y = tl.clamp(acc * inv_w, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-    if EXACT_ROUND:
-        y = _round_to_fp8_grid(y, 3, -6)
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, _soft_fp8(y, 3, -6), mask=mask)
 
 
-def _prescale(x: torch.Tensor, flat: torch.Tensor, off: int, ratios: torch.Tensor, i: int,
-              sat: torch.Tensor, triton_ok: bool) -> None:
-    """flat[off:off+n] = E4M3(sat(x * ratios[i])) (zeros if ratios[i] == 0); sat += #(|x*r| > max).
-    x: (n,) contiguous FP8 or float; flat: E4M3; ratios float32; sat int64 (1,)."""
-    assert x.dim() == 1 and x.is_contiguous() and flat.dtype == E4M3
+_TL = {E4M3: tl.float8e4nv, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@dataclass
+class _Group:
+    """Multi-tensor launch table of one bucket's tensors of one dtype (built once per set of addresses)."""
+    dtype: torch.dtype
+    index: list[int]  # tensor indices
+    ptrs: torch.Tensor  # (T,) int64: data addresses
+    meta: torch.Tensor  # (T, 3) int64: numel, offset in the bucket, tensor index
+    blocks: torch.Tensor  # (2, NB) int64: table row and first element of every BLOCK-sized block
+
+
+def _groups(data: list[torch.Tensor], index: list[int], offset: list[int], device: torch.device) -> list[_Group]:
+    out = []
+    for dt in dict.fromkeys(data[i].dtype for i in index):
+        rows = [(data[i].numel(), o, i) for i, o in zip(index, offset) if data[i].dtype == dt]
+        blocks = [(t, s) for t, (n, _, _) in enumerate(rows) for s in range(0, n, BLOCK)]
+        i64 = dict(dtype=torch.int64, device=device)
+        out.append(_Group(dt, [r[2] for r in rows], torch.tensor([data[r[2]].data_ptr() for r in rows], **i64),
+                          torch.tensor(rows, **i64), torch.tensor(blocks, **i64).t().contiguous()))
+    return out
+
+
+def _launch(kernel, g: _Group, *args, **meta) -> None:
+    NB = g.blocks.shape[1]
+    if NB:
+        kernel[(NB,)](g.ptrs, g.meta, g.blocks, *args, NB=NB, BLOCK=BLOCK, num_warps=4, **meta)
+
+
+def _prescale_ref(x: torch.Tensor, flat: torch.Tensor, off: int, r: torch.Tensor, sat: torch.Tensor) -> None:
+    """flat[off:off+n] = E4M3(sat(x * r)) (zeros if r == 0); sat += #(|x * r| > max). Reference of
+    _mt_prescale_kernel for one tensor. x: (n,) FP8 or float; flat: E4M3; r: float32 0-dim; sat int64 (1,)."""
     fmax = fp8_max(E4M3)
-    if not triton_ok:
-        r = ratios[i]
-        xs = torch.where(r == 0, torch.zeros((), device=x.device), x.float() * r)
-        sat += (xs.abs() > fmax).sum()
-        flat[off:off + x.numel()] = xs.clamp(-fmax, fmax).to(E4M3)
-        return
-    grid = (triton.cdiv(x.numel(), BLOCK),)
-    _prescale_kernel[grid](x, flat, ratios, sat, x.numel(), off, i, FP8_MAX=fmax,
-                           EXACT_ROUND=kernels.INTERPRET, BLOCK=BLOCK, num_warps=4)
+    xs = torch.where(r == 0, torch.zeros((), device=x.device), x.float() * r)
+    sat += (xs.abs() > fmax).sum()
+    flat[off:off + x.numel()] = xs.clamp(-fmax, fmax).to(E4M3)
 
 
 def _sum_requant(x: torch.Tensor, y: torch.Tensor, triton_ok: bool) -> None:
@@ -171,8 +217,8 @@ def _sum_requant(x: torch.Tensor, y: torch.Tensor, triton_ok: bool) -> None:
     if not triton_ok:
         y.copy_((x.float().sum(0) * (1.0 / W)).clamp(-fmax, fmax).to(E4M3))
         return
-    _sum_requant_kernel[(triton.cdiv(S, BLOCK),)](x, y, S, 1.0 / W, W=W, FP8_MAX=fmax,
-                                                 EXACT_ROUND=kernels.INTERPRET, BLOCK=BLOCK, num_warps=4)
+    _sum_requant_kernel[(triton.cdiv(S, BLOCK),)](x, y.view(torch.uint8), S, 1.0 / W, W=W, FP8_MAX=fmax,
+                                                 BLOCK=BLOCK, num_warps=4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,13 +235,11 @@ class AutoScaleConfig:
     mu_max: float = 2.0 ** 16  # with mu_min: scale = mu * 2^e stays a normal float32 (e clamped to +-110)
 
     def __post_init__(self):
-        if not 0 <= self.threshold < 1 or self.growth_interval < 1:
-            raise ValueError(f"need 0 <= threshold < 1 and growth_interval >= 1, got {self}")
-        for v in (self.mu_init, self.mu_min, self.mu_max):
-            if v <= 0 or 2.0 ** round(torch.tensor(v).log2().item()) != v:
-                raise ValueError(f"mu_init / mu_min / mu_max must be powers of two, got {v}")
-        if not 2.0 ** -16 <= self.mu_min <= self.mu_init <= self.mu_max <= 2.0 ** 16:
-            raise ValueError(f"need 2^-16 <= mu_min <= mu_init <= mu_max <= 2^16, got {self}")
+        mus = (self.mu_min, self.mu_init, self.mu_max)
+        if not (0 <= self.threshold < 1 and self.growth_interval >= 1 and 2.0 ** -16 <= mus[0] <= mus[1] <= mus[2]
+                <= 2.0 ** 16 and all(math.log2(m).is_integer() for m in mus)):
+            raise ValueError(f"need 0 <= threshold < 1, growth_interval >= 1, mu_min <= mu_init <= mu_max "
+                             f"powers of two in [2^-16, 2^16]; got {self}")
 
 
 @dataclass
@@ -206,10 +250,52 @@ class _Bucket:
     flat: torch.Tensor  # (W * S,) uint8: the local pre-scaled gradients, then the reduced result
     recv: torch.Tensor  # (W * S,) uint8: chunk r = rank r's values of my shard
     shard: torch.Tensor  # (S,) uint8: my reduced shard
+    groups: list[_Group] = field(default_factory=list)  # Triton launch tables, for the addresses in key
+    key: tuple = ()
+
+
+def _make_bucket(index: list[int], offset: list[int], S: int, W: int, device: torch.device) -> _Bucket:
+    assert W * S < 2 ** 31, "bucket too large for int32 offsets; lower bucket_bytes"
+    flat = torch.zeros(W * S, dtype=torch.uint8, device=device)  # padding stays 0
+    recv = flat if W == 1 else torch.empty_like(flat)
+    shard = flat if W == 1 else torch.empty(S, dtype=torch.uint8, device=device)
+    return _Bucket(index, offset, flat, recv, shard)
+
+
+def _unpack(grads: list[Grad], b: _Bucket, src: torch.Tensor, base: int, inv: torch.Tensor, tri: bool) -> None:
+    """Reduced E4M3 bytes src = bucket elements [base, base + len(src)) -> the gradients inside it, in
+    place: FP8Tensors take the bytes as they are and scale_inv = inv[i] (two multi-tensor copies), float
+    tensors the dequantized values."""
+    mine = [(i, o) for i, o in zip(b.index, b.offset) if base <= o < base + src.numel()]
+    f8 = [(i, o - base, grads[i]) for i, o in mine if isinstance(grads[i], FP8Tensor)]
+    if f8:
+        inv1 = inv.split(1)  # views: no host -> device copy (keeps the reduce CUDA-graph capturable)
+        torch._foreach_copy_([g.data.view(torch.uint8).view(-1) for _, _, g in f8],
+                             [src[o:o + g.data.numel()] for _, o, g in f8])
+        torch._foreach_copy_([g.scale_inv.view(-1) for _, _, g in f8], [inv1[i] for i, _, _ in f8])
+    if tri:
+        for g in b.groups:
+            if g.dtype != E4M3:
+                _launch(_mt_unpack_kernel, g, src.view(E4M3), inv, base=base, span=src.numel(), DST=_TL[g.dtype])
+        return
+    for i, o in mine:
+        if not isinstance(grads[i], FP8Tensor):
+            x = src[o - base:o - base + grads[i].numel()]
+            grads[i].copy_((x.view(E4M3).float() * inv[i]).view_as(grads[i]))
 
 
 def _data(g: Grad) -> torch.Tensor:
     return (g.data if isinstance(g, FP8Tensor) else g).reshape(-1)
+
+
+def _amax(g: Grad) -> torch.Tensor:
+    """max |value| (0-dim float32, NaN -> NaN): for E4M3 an integer max of the low 7 bits, since
+    magnitudes order like them (0x7F = NaN is the largest), times scale_inv."""
+    if _data(g).numel() == 0:
+        return torch.zeros((), device=_data(g).device)
+    if isinstance(g, FP8Tensor):
+        return (g.data.view(torch.uint8) & 0x7F).amax().view(E4M3).float() * g.scale_inv.reshape(())
+    return g.detach().abs().amax().float()
 
 
 class FP8AllReduce:
@@ -221,10 +307,12 @@ class FP8AllReduce:
                  bucket_bytes: int = BUCKET_BYTES, cfg: AutoScaleConfig = AutoScaleConfig(), backend: str = "auto"):
         if backend not in ("auto", "torch"):
             raise ValueError(f"backend must be auto (Triton on CUDA / interpreter) or torch, got {backend!r}")
-        self.world_size, self.group, self.bucket_bytes, self.cfg, self.backend = world_size, group, bucket_bytes, cfg, backend
+        self.world_size, self.group, self.bucket_bytes, self.cfg = world_size, group, bucket_bytes, cfg
+        self.backend = backend
         self.buckets: list[_Bucket] = []
         self._key: Optional[tuple] = None
         self.mu: Optional[torch.Tensor] = None
+        self._zero: Optional[tuple] = None  # (partition, its bucket) of reduce_to_owners
 
     def _init_state(self, device: torch.device) -> None:
         f32 = dict(dtype=torch.float32, device=device)
@@ -236,25 +324,18 @@ class FP8AllReduce:
 
     def _build(self, numels: list[int], device: torch.device) -> None:
         """Tensors in order, whole, into buckets of <= bucket_bytes (a bigger tensor gets its own)."""
-        W, groups, cur, size = self.world_size, [], [], 0
+        groups, size = [[]], 0
         for i, n in enumerate(numels):
-            if cur and size + n > self.bucket_bytes:
-                groups.append(cur)
-                cur, size = [], 0
-            cur.append(i)
+            if groups[-1] and size + n > self.bucket_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(i)
             size += n
-        groups.append(cur)
         self.buckets = []
         for idx in groups:
-            offs = [0]
-            for i in idx:
-                offs.append(offs[-1] + numels[i])
-            S = kernels.round_up(triton.cdiv(offs[-1], W), ALIGN)  # shard elements (= bytes)
-            assert W * S < 2 ** 31, "bucket too large for int32 offsets; lower bucket_bytes"
-            flat = torch.zeros(W * S, dtype=torch.uint8, device=device)  # padding stays 0
-            recv = flat if W == 1 else torch.empty_like(flat)
-            shard = flat if W == 1 else torch.empty(S, dtype=torch.uint8, device=device)
-            self.buckets.append(_Bucket(idx, offs[:-1], flat, recv, shard))
+            offs = [0, *accumulate(numels[i] for i in idx)]
+            S = kernels.round_up(triton.cdiv(offs[-1], self.world_size), ALIGN)  # shard elements (= bytes)
+            self.buckets.append(_make_bucket(idx, offs[:-1], S, self.world_size, device))
 
     @torch.no_grad()
     def _update_mu(self, global_sat: torch.Tensor) -> None:
@@ -270,21 +351,29 @@ class FP8AllReduce:
         self.clean.copy_(torch.where(keep, self.clean, clean))
 
     @torch.no_grad()
-    def _scales(self, grads: list[Grad], amaxes: Optional[list[torch.Tensor]]):
+    def _scales(self, grads: list[Grad], amaxes: Optional[list[torch.Tensor]], buckets: list[_Bucket], tri: bool):
         """One all-reduce MAX of [amaxes..., last sat fraction] -> (found_inf (1,), ratio (n,) =
         shared scale / own scale, inv_scale (n,) = the result's scale_inv), float32 on the device."""
         dev, n = self.mu.device, len(grads)
         one = torch.ones((), device=dev)
         src_si = torch.stack([g.scale_inv.reshape(()).float() if isinstance(g, FP8Tensor) else one for g in grads])
-        if amaxes is None:  # E4M3 magnitudes order like their low 7 bits (0x7F = NaN): an integer max
-            amaxes = [(g.data.view(torch.uint8) & 0x7F).amax().view(E4M3).float() if isinstance(g, FP8Tensor)
-                      else g.detach().abs().amax().float() for g in grads]
-        amax = torch.where(src_si == 0, 0.0, torch.stack([a.reshape(()).float() for a in amaxes]) * src_si)
+        amaxes = [None] * n if amaxes is None else amaxes
+        if tri:  # one multi-tensor launch per bucket and dtype that has a gradient without amax
+            own = torch.zeros(n, dtype=torch.float32, device=dev)
+            for g in (g for b in buckets for g in b.groups if any(amaxes[i] is None for i in g.index)):
+                _launch(_mt_amax_kernel, g, own, SRC=_TL[g.dtype], IS_FP8=g.dtype == E4M3)
+            own = own * src_si  # FP8 data units -> values
+            amax = own if all(a is None for a in amaxes) else \
+                torch.stack([own[i] if a is None else a.reshape(()).float() for i, a in enumerate(amaxes)])
+        else:
+            amax = torch.stack([_amax(g) if a is None else a.reshape(()).float() for g, a in zip(grads, amaxes)])
+        amax = torch.where(src_si == 0, 0.0, amax)  # an empty gradient: its data may be stale
         vec = torch.cat([amax, self.sat_frac])
         vec = torch.where(torch.isnan(vec), float("inf"), vec)  # MAX with NaN is backend-defined; inf is not
         if self.world_size > 1:
             dist.all_reduce(vec, op=dist.ReduceOp.MAX, group=self.group)
         amax, global_sat = vec[:n], vec[n:]
+        self.global_amax = amax  # (n,) max over ranks of each input's amax: a bound on the mean's amax
         found_inf = (~torch.isfinite(amax)).any().float().reshape(1)
         self._update_mu(global_sat)
         self.prev_inf.copy_(found_inf)
@@ -300,41 +389,126 @@ class FP8AllReduce:
         rank when any rank has a NaN/Inf gradient (skip the step), else 0.
         grads: FP8Tensor (E4M3 data, scale_inv (1,), scale_inv 0 = empty) or float tensors, contiguous;
         FP8Tensors get new data + scale_inv, float tensors the dequantized mean (FP8-exact values).
-        amaxes (optional): max |value| of each grad (e.g. FP8Linear.weight_grad_amax), saves a pass."""
-        assert grads, "nothing to reduce"
-        dev = _data(grads[0]).device
-        if self.mu is None:
-            self._init_state(dev)
-        for g in grads:
-            assert _data(g).is_contiguous() and (not isinstance(g, FP8Tensor) or g.data.dtype == E4M3)
+        amaxes (optional, entries may be None): max |value| of each grad (e.g. FP8Linear.weight_grad_amax),
+        saves a read of the gradient."""
+        self._check(grads)
         key = tuple(_data(g).numel() for g in grads)
         if key != self._key:
-            self._build(list(key), dev)
+            self._build(list(key), _data(grads[0]).device)
             self._key = key
-        found_inf, ratio, inv = self._scales(grads, amaxes)
+        return self._run(grads, amaxes, self.buckets, gather=True)
+
+    def _check(self, grads: list[Grad]) -> None:
+        assert grads, "nothing to reduce"
+        for g in grads:
+            ok = (E4M3,) if isinstance(g, FP8Tensor) else kernels.HP_DTYPES
+            assert _data(g).is_contiguous() and _data(g).dtype in ok, f"grads: contiguous E4M3 FP8Tensor or {ok}"
+        if self.mu is None:
+            self._init_state(_data(grads[0]).device)
+
+    def _run(self, grads: list[Grad], amaxes: Optional[list[torch.Tensor]], buckets: list[_Bucket],
+             gather: bool) -> torch.Tensor:
+        """Scales, then per bucket: pre-scale -> FP8 reduce-scatter -> sum + re-quantize -> (FP8 all-gather
+        and unpack all | unpack the tensors inside my shard). Returns found_inf."""
         tri = self.backend == "auto" and kernels.use_triton(self.mu)
-        W, grp = self.world_size, self.group
+        if tri:
+            data = [_data(g) for g in grads]
+            for b in buckets:
+                key = tuple(data[i].data_ptr() for i in b.index)
+                if key != b.key:
+                    b.groups, b.key = _groups(data, b.index, b.offset, b.flat.device), key
+        found_inf, ratio, inv = self._scales(grads, amaxes, buckets, tri)
+        W, grp, fmax = self.world_size, self.group, fp8_max(E4M3)
+        rank = dist.get_rank(grp) if W > 1 else 0
         self.sat_count.zero_()
         works = []
-        for b in self.buckets:  # pack each bucket and start its FP8 reduce-scatter at once
-            for i, off in zip(b.index, b.offset):
-                _prescale(_data(grads[i]), b.flat.view(E4M3), off, ratio, i, self.sat_count, tri)
+        for b in buckets:  # pack each bucket and start its FP8 reduce-scatter at once
+            for g in b.groups if tri else []:
+                _launch(_mt_prescale_kernel, g, b.flat, ratio, self.sat_count, SRC=_TL[g.dtype], FP8_MAX=fmax)
+            for i, off in zip(b.index, b.offset) if not tri else []:
+                _prescale_ref(_data(grads[i]), b.flat.view(E4M3), off, ratio[i], self.sat_count)
             works.append(dist.all_to_all_single(b.recv, b.flat, group=grp, async_op=True) if W > 1 else None)
-        for k, b in enumerate(self.buckets):  # sum my shard, start its FP8 all-gather
+        for k, b in enumerate(buckets):  # sum my shard, start its FP8 all-gather
             if works[k] is not None:
                 works[k].wait()  # a stream dependency on CUDA, not a host sync
             _sum_requant(b.recv.view(E4M3).view(W, -1), b.shard.view(E4M3), tri)
-            works[k] = dist.all_gather_into_tensor(b.flat, b.shard, group=grp, async_op=True) if W > 1 else None
-        for b, w in zip(self.buckets, works):  # unpack: FP8 bytes as they are, scale_inv = 1 / shared scale
+            works[k] = _all_gather(b.flat, b.shard, group=grp, async_op=True) if W > 1 and gather else None
+        for b, w in zip(buckets, works):  # unpack: FP8 bytes as they are, scale_inv = 1 / shared scale
             if w is not None:
                 w.wait()
-            for i, off in zip(b.index, b.offset):
-                g, res = grads[i], b.flat[off:off + _data(grads[i]).numel()]
-                if isinstance(g, FP8Tensor):
-                    g.data.view(torch.uint8).view(-1).copy_(res)
-                    g.scale_inv.copy_(inv[i].reshape(g.scale_inv.shape))
-                else:
-                    g.copy_((res.view(E4M3).float() * inv[i]).view_as(g))
-        total = sum(key)
+            # all-reduce: the whole bucket; level 3: my shard, which holds exactly the tensors I own
+            if gather:
+                _unpack(grads, b, b.flat, 0, inv, tri)
+            else:
+                _unpack(grads, b, b.shard, rank * b.shard.numel(), inv, tri)
+        total = sum(_data(g).numel() for g in grads)
         self.sat_frac.copy_(torch.where(found_inf > 0, 0.0, self.sat_count.double() / max(total, 1)).float())
         return found_inf
+
+    @torch.no_grad()
+    def reduce_to_owners(self, grads: list[Grad], part: "Fp8ZeroPartition",
+                         amaxes: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
+        """Level 3: the mean of each gradient lands on its owner only (FP8 reduce-scatter over the
+        partition's owner-ordered flat buffer, one bucket); other ranks' copies are left as they were.
+        Same scales, mu and found_inf as __call__ (found_inf reaches every rank)."""
+        self._check(grads)
+        assert part.world_size == self.world_size and len(part.owners) == len(grads)
+        if self._zero is None or self._zero[0] is not part:
+            n = len(grads)
+            self._zero = part, _make_bucket(list(range(n)), part.offset, part.shard, self.world_size, self.mu.device)
+        return self._run(grads, amaxes, [self._zero[1]], gather=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# level 3: FP8 ZeRO over whole tensors (FP8-LM section 2.3, Algorithm 1)
+
+
+class Fp8ZeroPartition:
+    """Whole tensors to owner ranks (greedy_partition), laid out owner by owner in one flat byte buffer
+    of world_size equal shards: shard r = [rank r's tensors, in index order | their scale_inv as
+    float32], zero-padded to the largest shard. Equal shards make the FP8 reduce-scatter of the
+    gradients (FP8AllReduce.reduce_to_owners) and the all-gather of the FP8 weights plain equal-split
+    collectives, and the scale of a tensor travels in the same shard as its bytes."""
+
+    def __init__(self, numels: Sequence[int], world_size: int):
+        self.world_size, self.numels = world_size, list(numels)
+        self.owners = greedy_partition(self.numels, world_size)
+        self.owned = [[i for i in range(len(numels)) if self.owners[i] == r] for r in range(world_size)]
+        local = [0] * len(numels)  # offset inside the owner's shard
+        for idx in self.owned:
+            for i, o in zip(idx, accumulate([0] + [self.numels[i] for i in idx])):
+                local[i] = o
+        self.scale_at = [kernels.round_up(sum(self.numels[i] for i in idx), 4) for idx in self.owned]
+        self.shard = kernels.round_up(max(a + 4 * len(idx) for a, idx in zip(self.scale_at, self.owned)), ALIGN)
+        self.offset = [self.owners[i] * self.shard + local[i] for i in range(len(numels))]  # in the flat buffer
+        self._bufs: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def loads(self) -> list[int]:
+        """Elements owned by each rank."""
+        return [sum(self.numels[i] for i in idx) for idx in self.owned]
+
+    @torch.no_grad()
+    def all_gather_weights(self, weights: list[FP8Tensor], rank: int,
+                           group: Optional[dist.ProcessGroup] = None) -> None:
+        """After the owners' optimizer step: every rank gets every FP8 weight (data + scale_inv), in
+        place, through one FP8 all-gather of the owner-ordered buffer (1 byte per element + 4 per tensor)."""
+        assert len(weights) == len(self.numels) and all(w.data.dtype == E4M3 for w in weights)
+        W, S, mine_idx = self.world_size, self.shard, self.owned[rank]
+        if self._bufs is None:
+            self._bufs = tuple(torch.zeros(n, dtype=torch.uint8, device=weights[0].data.device) for n in (W * S, S))
+        flat, mine = self._bufs
+        if mine_idx:
+            torch._foreach_copy_([mine[self.offset[i] - rank * S:][:self.numels[i]] for i in mine_idx],
+                                 [weights[i].data.view(torch.uint8).view(-1) for i in mine_idx])
+            a = self.scale_at[rank]
+            mine[a:a + 4 * len(mine_idx)].view(torch.float32).copy_(
+                torch.cat([weights[i].scale_inv.reshape(1).float() for i in mine_idx]))
+        if W > 1:
+            _all_gather(flat, mine, group=group)
+        else:
+            flat.copy_(mine)
+        torch._foreach_copy_([w.data.view(torch.uint8).view(-1) for w in weights],
+                             [flat[o:o + n] for o, n in zip(self.offset, self.numels)])
+        si = torch.cat([flat[r * S + a:r * S + a + 4 * len(idx)].view(torch.float32)
+                        for r, (a, idx) in enumerate(zip(self.scale_at, self.owned))])  # owner order
+        torch._foreach_copy_([weights[i].scale_inv.view(-1) for idx in self.owned for i in idx], list(si.split(1)))

@@ -138,15 +138,16 @@ class FP8Tensor:
 # calls the kernels directly (the dispatcher costs ~10 us a call, which small models feel).
 
 
-@torch.library.custom_op("nanofp8::cast", mutates_args=("amax", "stats"))
+@torch.library.custom_op("nanofp8::cast", mutates_args=("amax", "stats", "colsum_out"))
 def _cast_op(x: torch.Tensor, scale: torch.Tensor, amax: torch.Tensor, stats: torch.Tensor,
-             fp8_dtype: torch.dtype, transpose: bool, pad_t: int) -> tuple[torch.Tensor, torch.Tensor]:
-    y, y_t = kernels.cast_to_fp8(x, fp8_dtype, scale, amax, transpose, pad_t, stats)
+             fp8_dtype: torch.dtype, transpose: bool, pad_t: int,
+             colsum_out: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    y, y_t = kernels.cast_to_fp8(x, fp8_dtype, scale, amax, transpose, pad_t, stats, colsum_out=colsum_out)
     return y, (y_t if y_t is not None else y.new_empty(0))
 
 
 @_cast_op.register_fake
-def _(x, scale, amax, stats, fp8_dtype, transpose, pad_t):
+def _(x, scale, amax, stats, fp8_dtype, transpose, pad_t, colsum_out):
     M, N = x.shape
     y_t = x.new_empty((N, kernels.round_up(M, pad_t)) if transpose else (0,), dtype=fp8_dtype)
     return x.new_empty((M, N), dtype=fp8_dtype), y_t
@@ -187,12 +188,12 @@ def _(a, b, a_scale_inv, b_scale_inv, out_dtype, bias, prev, prev_scale_inv, ama
     return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
 
 
-def cast(x, fp8_dtype, scale, amax, stats, transpose=False, pad_t=1):
+def cast(x, fp8_dtype, scale, amax, stats, transpose=False, pad_t=1, colsum_out=None):
     """Delayed-scaling cast (records amax); custom op under torch.compile, direct call in eager."""
     if torch.compiler.is_compiling():
-        y, y_t = _cast_op(x, scale, amax, stats, fp8_dtype, transpose, pad_t)
+        y, y_t = _cast_op(x, scale, amax, stats, fp8_dtype, transpose, pad_t, colsum_out)
         return y, (y_t if transpose else None)
-    return kernels.cast_to_fp8(x, fp8_dtype, scale, amax, transpose, pad_t, stats)
+    return kernels.cast_to_fp8(x, fp8_dtype, scale, amax, transpose, pad_t, stats, colsum_out=colsum_out)
 
 
 def cast_jit(x, amax, out, scale_inv_out, transpose=False):
@@ -269,11 +270,13 @@ class _FP8LinearFn(torch.autograd.Function):
             g2 = g2.float()
         if ctx.g_meta is not None:
             ctx.g_meta.prime(g2)
-        g_fp8, g_fp8_t = cast(g2, E5M2, g_scale, g_amax, g_stats, transpose=ctx.need_wgrad, pad_t=PAD_TOKENS)
+        grad_b = torch.empty(N, device=g2.device) if ctx.has_bias else None  # bias grad from the same read of g
+        g_fp8, g_fp8_t = cast(g2, E5M2, g_scale, g_amax, g_stats, transpose=ctx.need_wgrad, pad_t=PAD_TOKENS,
+                              colsum_out=grad_b)
         grad_x = gemm(g_fp8, w_t, g_si, w_si, grad_output.dtype)  # (M, N) x (K, N)^T -> (M, K)
         if ctx.need_wgrad:
             accumulate_fp8_grad(grad_fp8, grad_si, grad_amax, g_fp8_t, g_si, x_t, x_si)  # (N, K)
-        grad_b = g2.float().sum(0).to(ctx.bias_dtype) if ctx.has_bias else None
+        grad_b = grad_b.to(ctx.bias_dtype) if ctx.has_bias else None
         return grad_x.view(ctx.x_shape), None, grad_b, None, None, None, None, None
 
 

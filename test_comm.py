@@ -81,7 +81,9 @@ def _allreduce_worker(rank: int, bucket_bytes: int) -> None:
             all_sets = [_grads_for(r, step) for r in range(WORLD)]  # every rank can build every rank's set
             grads = [FP8Tensor(g.data.clone(), g.scale_inv.clone()) if isinstance(g, FP8Tensor) else g.clone()
                      for g in all_sets[rank]]
-            found_inf = red(grads)
+            # step 1: the caller's amaxes (as FP8Linear.weight_grad_amax would give) for some grads
+            amaxes = [_dequant(g).abs().amax() if step and i % 2 else None for i, g in enumerate(grads)]
+            found_inf = red(grads, amaxes)
             assert found_inf.item() == 0
             for i, g in enumerate(grads):
                 ins = [_dequant(s[i]) for s in all_sets]
@@ -184,6 +186,36 @@ def _dead_rank_worker(rank: int) -> None:
         os._exit(RAISED)
 
 
+def _zero_worker(rank: int) -> None:
+    comm.setup(device="cpu")
+    try:
+        shapes = [(96, 64), (16, 16), (48, 32), (200, 16), (32, 32), (17, 16)]
+        part = comm.Fp8ZeroPartition([a * b for a, b in shapes], WORLD)
+        torch.manual_seed(7 + rank)
+        grads = [FP8Tensor.quantize(torch.randn(s) * (rank + 1)) for s in shapes]
+        ref = [FP8Tensor(g.data.clone(), g.scale_inv.clone()) for g in grads]
+        before = [g.data.clone() for g in grads]
+        comm.FP8AllReduce(WORLD)(ref)
+        comm.FP8AllReduce(WORLD).reduce_to_owners(grads, part)
+        for i, g in enumerate(grads):  # owners hold exactly the all-reduce result, the others are untouched
+            if part.owners[i] == rank:
+                assert torch.equal(g.data.view(torch.uint8), ref[i].data.view(torch.uint8))
+                assert torch.equal(g.scale_inv, ref[i].scale_inv)
+            else:
+                assert torch.equal(g.data.view(torch.uint8), before[i].view(torch.uint8))
+        # FP8 weights: each owner's tensors (and scales) reach every rank
+        weights = [FP8Tensor.quantize(torch.randn(s, generator=torch.Generator().manual_seed(i)) * (i + 1))
+                   if part.owners[i] == rank else FP8Tensor(torch.zeros(s, dtype=E4M3), torch.zeros(1))
+                   for i, s in enumerate(shapes)]
+        part.all_gather_weights(weights, rank)
+        for i, s in enumerate(shapes):
+            expect = FP8Tensor.quantize(torch.randn(s, generator=torch.Generator().manual_seed(i)) * (i + 1))
+            assert torch.equal(weights[i].data.view(torch.uint8), expect.data.view(torch.uint8))
+            assert torch.equal(weights[i].scale_inv, expect.scale_inv)
+    finally:
+        comm.teardown()
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -214,20 +246,30 @@ def test_greedy_partition():
         comm.greedy_partition([1], 0)
 
 
+def _mixed_grads(seed: int) -> list:
+    g = torch.Generator().manual_seed(seed)
+    empty = FP8Tensor.quantize(torch.randn(16, 16, generator=g))
+    empty.scale_inv.zero_()
+    return [FP8Tensor.quantize(torch.randn(130, 48, generator=g)), torch.randn(5003, generator=g) * 3, empty,
+            (torch.randn(7, 33, generator=g) * 1e-3).bfloat16(), torch.rand(999, generator=g).half(),
+            FP8Tensor.quantize(torch.randn(20, 16, generator=g) * 1e-4), torch.zeros(0)]
+
+
 @pytest.mark.skipif(not kernels.INTERPRET, reason="Triton kernels on CPU need TRITON_INTERPRET=1")
 def test_comm_kernels_match_torch():
-    torch.manual_seed(0)
-    for x, r in [(torch.randn(5003) * 3, 64.0), (torch.randn(777).bfloat16(), 2.0 ** -10),
-                 (FP8Tensor.quantize(torch.randn(40, 48)).data.view(-1), 0.5)]:
-        ratios = torch.tensor([0.0, r])
-        outs, sats = [], []
-        for tri in (True, False):
-            flat, sat = torch.zeros(6000, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64)
-            comm._prescale(x, flat.view(E4M3), 17, ratios, 1, sat, tri)
-            comm._prescale(x, flat.view(E4M3), 0, ratios, 0, sat, tri)  # ratio 0: zeros
-            outs.append(flat)
-            sats.append(sat)
-        assert torch.equal(outs[0], outs[1]) and torch.equal(sats[0], sats[1])
+    # the whole reduce (multi-tensor amax / pre-scale with clipping / unpack) in one process, Triton vs
+    # torch reference: bitwise equal results, scales and clip counts; mu = 4 makes the pre-scale clip
+    outs = []
+    for backend in ("auto", "torch"):
+        red = comm.FP8AllReduce(1, bucket_bytes=8000, backend=backend, cfg=comm.AutoScaleConfig(mu_init=4.0))
+        grads = _mixed_grads(0)
+        red(grads)
+        red(grads)  # second call: mu reacted (halved), tables reused
+        outs.append([x for g in grads for x in ((g.data.view(torch.uint8), g.scale_inv) if isinstance(g, FP8Tensor)
+                                                else (g,))] + [red.mu, red.sat_frac, red.sat_count])
+    assert outs[1][-1].item() > 0  # something clipped
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
     for W in (2, 3):
         x = torch.randint(0, 256, (W, 4100), dtype=torch.uint8)
         x[(x & 0x7F) == 0x7F] = 0  # no NaN
@@ -270,6 +312,23 @@ def test_dead_rank_ends_the_other_instead_of_hanging():
     assert not any(alive), "a rank hung"
     assert procs[0].exitcode in (RAISED, -signal.SIGABRT), procs[0].exitcode
     assert time.time() - t0 < DEAD_RANK_TIMEOUT_S + 40
+
+
+def test_zero_partition_layout():
+    sizes = _gpt2_124m_sizes()
+    for W in (1, 2, 3, 8):
+        part = comm.Fp8ZeroPartition(sizes, W)
+        assert part.owners == comm.greedy_partition(sizes, W)
+        spans = sorted((part.offset[i], part.offset[i] + n) for i, n in enumerate(sizes))
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # disjoint
+        for i, n in enumerate(sizes):  # inside the owner's shard, before its scales
+            r = part.owners[i]
+            assert r * part.shard <= part.offset[i] and part.offset[i] + n <= r * part.shard + part.scale_at[r]
+        assert part.shard % comm.ALIGN == 0 and part.shard <= max(part.loads()) + 4 * len(sizes) + 2 * comm.ALIGN
+
+
+def test_zero_reduce_to_owners_and_weight_all_gather():
+    run_dist(_zero_worker)
 
 
 def test_single_process_is_lossless_for_fp8():
