@@ -322,14 +322,16 @@ class FP8Linear(nn.Linear):
         if not self.x_meta.primed:
             self.x_meta.prime(x)
         m, g = self.x_meta, self.g_meta
-        m.numel += x.numel()
+        record = self.training  # eval forwards must not steer the training scales
+        if record:
+            m.numel += x.numel()
         if torch.is_grad_enabled():
             g.numel += x.numel() // self.in_features * self.out_features
         # under torch.compile a model that was never run eagerly starts from scale 1 (as TE does)
         prime_g = not g.primed and not torch.compiler.is_compiling() and torch.is_grad_enabled()
         return _FP8LinearFn.apply(
             x, self.weight, self.bias, g if prime_g else None,
-            (m.scale, m.scale_inv, m.amax_history[:1], m.stats),
+            (m.scale, m.scale_inv, m.amax_history[:1] if record else None, m.stats if record else None),
             (g.scale, g.scale_inv, g.amax_history[:1], g.stats),
             (self.weight_grad_fp8, self.weight_grad_scale_inv, self.weight_grad_amax),
             self.fp8_weight(),
@@ -359,48 +361,36 @@ def zero_fp8_grads(model: nn.Module) -> None:
             m.weight_grad_amax.zero_()
 
 
-_PACKED = ("amax_history", "scale", "scale_inv", "n_nonfinite")
-
-
-@torch.no_grad()
-def _pack_metas(metas: list) -> dict:
-    """Re-home every meta's buffers as rows of a few shared tensors, so one update touches all of
-    them with ~15 kernel launches instead of ~15 per meta (a 124M GPT has 96 metas)."""
-    pack = {name: torch.stack([getattr(m, name) for m in metas]) for name in _PACKED}
-    dev = pack["scale"].device
-    for i, name in enumerate(("fmax_exp", "fmax_mant", "margin")):
-        pack[name] = torch.tensor([[m.consts()[i]] for m in metas], dtype=torch.int32, device=dev)
-    for i, m in enumerate(metas):
-        for name in _PACKED:
-            m._buffers[name] = pack[name][i]  # a view: the kernels keep writing into the pack
-    pack["metas"] = metas
-    return pack
-
-
-def _pack_valid(pack, metas) -> bool:
-    return pack is not None and len(pack["metas"]) == len(metas) and all(
-        a is b and a.amax_history.data_ptr() == pack["amax_history"][i].data_ptr()
-        for i, (a, b) in enumerate(zip(pack["metas"], metas)))
+_STACKED = ("amax_history", "scale", "scale_inv", "n_nonfinite")
 
 
 @torch.no_grad()
 def update_scaling(model: nn.Module) -> None:
     """Once per optimizer step: every ScalingMeta turns its amax history into its next scale, and
-    every FP8Linear's FP8 weight copy is marked stale (the optimizer has just changed the weights)."""
+    every FP8Linear's FP8 weight copy is marked stale (the optimizer has just changed the weights).
+    All metas are updated together: stack, one vectorized update, scatter back (~25 kernel launches
+    in all instead of ~15 per meta; a 124M GPT has 96 metas). Each meta keeps its own tensors:
+    views of one shared buffer would share autograd's version counter across layers."""
     metas = [m for m in model.modules() if isinstance(m, ScalingMeta)]
     for m in model.modules():
         if isinstance(m, FP8Linear):
             m._weight_fp8_t = None
     if not metas:
         return
-    pack = model.__dict__.get("_fp8_meta_pack")
-    if not _pack_valid(pack, metas) or len({m.amax_history.shape for m in metas}) != 1:
-        if len({m.amax_history.shape for m in metas}) != 1:  # mixed history lengths: one by one
-            for m in metas:
-                m.update()
-            return
-        pack = model.__dict__["_fp8_meta_pack"] = _pack_metas(metas)
-    _update_rows(*(pack[k] for k in _PACKED), pack["fmax_exp"], pack["fmax_mant"], pack["margin"])
+    if len({(m.amax_history.shape, m.scale.device) for m in metas}) != 1:
+        for m in metas:  # mixed history lengths or devices: one by one
+            m.update()
+        return
+    cache = model.__dict__.get("_fp8_meta_consts")
+    if cache is None or cache[0] != len(metas):
+        dev = metas[0].scale.device
+        consts = [torch.tensor([[m.consts()[i]] for m in metas], dtype=torch.int32, device=dev) for i in range(3)]
+        cache = model.__dict__["_fp8_meta_consts"] = (len(metas), consts)
+    bufs = {name: [getattr(m, name) for m in metas] for name in _STACKED}
+    rows = {name: torch.stack(ts) for name, ts in bufs.items()}
+    _update_rows(*(rows[k] for k in _STACKED), *cache[1])
+    for name in _STACKED:
+        torch._foreach_copy_(bufs[name], list(rows[name].unbind(0)))
 
 
 def default_filter(name: str, module: nn.Linear) -> bool:

@@ -109,7 +109,7 @@ def test_nonfinite_amax_keeps_scale_and_is_counted():
     assert torch.isfinite(meta.amax_history).all()  # never enters the history
 
 
-def test_packed_update_equals_per_meta_update():
+def test_vectorized_update_equals_per_meta_update():
     def model():
         torch.manual_seed(0)
         return nn.Sequential(fp8.FP8Linear(32, 64), fp8.FP8Linear(64, 32))
@@ -117,18 +117,35 @@ def test_packed_update_equals_per_meta_update():
     metas_a = [m for m in a.modules() if isinstance(m, fp8.ScalingMeta)]
     metas_b = [m for m in b.modules() if isinstance(m, fp8.ScalingMeta)]
     for step in range(20):
-        if step == 10:  # new tensors under the metas (as .to(device) makes): the pack must follow
+        if step == 10:  # new tensors under the metas (as .to(device) makes)
             a._apply(lambda t: t.clone())
         for ma, mb in zip(metas_a, metas_b):
             v = float(torch.empty(1).uniform_(-8, 8).exp2()) if step != 5 else float("nan")
             ma.amax_history[0] = v
             mb.amax_history[0] = v
-        fp8.update_scaling(a)  # packed: all metas in one vectorized update
+        fp8.update_scaling(a)  # all metas in one vectorized update
         for mb in metas_b:
             mb.update()
         for ma, mb in zip(metas_a, metas_b):
             assert torch.equal(ma.scale, mb.scale) and torch.equal(ma.amax_history, mb.amax_history)
             assert ma.n_nonfinite.item() == mb.n_nonfinite.item() == 1 or step < 5
+
+
+def test_multi_layer_training_steps_and_eval_do_not_disturb_scaling():
+    torch.manual_seed(0)
+    m = nn.Sequential(fp8.FP8Linear(32, 64, device=DEV), nn.GELU(), fp8.FP8Linear(64, 32, device=DEV))
+    x = torch.randn(24, 32, device=DEV)
+    for _ in range(3):  # several steps, each with two micro-batches and an update in between
+        for half in (x[:12], x[12:]):
+            m(half).pow(2).mean().backward()
+        fp8.update_scaling(m)
+        fp8.zero_fp8_grads(m)
+    before = [b.clone() for b in m.buffers()]
+    m.eval()
+    with torch.no_grad():
+        m(x * 100)  # an eval forward records nothing
+    m.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, m.buffers()))
 
 
 def test_meta_state_dict_roundtrip():

@@ -33,7 +33,7 @@ import fp8
 import model as M
 import optim
 
-HIGHEST_LEVEL = 1  # the highest --fp8_level that exists; levels 2 and 3 come with their issues
+HIGHEST_LEVEL = 2  # the highest --fp8_level that exists; level 3 (FP8 ZeRO) comes with comm.py's wiring
 PEAK_FLOPS = {"H100": {"bf16": 989e12, "fp8": 1979e12},  # dense tensor-core peaks, SXM datasheets
               "H200": {"bf16": 989e12, "fp8": 1979e12}}
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -77,10 +77,9 @@ class TrainConfig:
     prompt: str = "\n"
 
     def __post_init__(self):
-        if self.fp8_level in (2, 3):
-            raise ValueError(f"--fp8_level={self.fp8_level} is not implemented yet (it comes with its issue); "
-                             f"use --fp8_level=0 or 1")
-        if self.fp8_level not in (-1, 0, 1):
+        if self.fp8_level == 3:
+            raise ValueError("--fp8_level=3 (FP8 ZeRO) is not implemented yet; use --fp8_level=0, 1 or 2")
+        if self.fp8_level not in (-1, 0, 1, 2):
             raise ValueError(f"--fp8_level must be 0..3 (or -1 = highest), got {self.fp8_level}")
         if self.preset and self.preset not in M.PRESETS:
             raise ValueError(f"--preset must be one of {list(M.PRESETS)}, got {self.preset!r}")
@@ -95,7 +94,7 @@ class TrainConfig:
 
 # training presets: what a preset sets when no flag does (model shapes live in model.PRESETS)
 def tiny():
-    return dict(batch_size=16, max_steps=300, lr=2e-3, warmup_steps=30, eval_interval=100, eval_iters=8)
+    return dict(batch_size=8, max_steps=160, lr=2e-3, warmup_steps=20, eval_interval=40, eval_iters=8)
 
 
 def gpt2_124m():
@@ -116,11 +115,9 @@ TRAIN_PRESETS = {"tiny": tiny, "gpt2-124m": gpt2_124m, "gpt2-350m": gpt2_350m, "
 
 
 def str2bool(s: str) -> bool:
-    if s.lower() in ("1", "true"):
-        return True
-    if s.lower() in ("0", "false"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected 0/1/true/false, got {s!r}")
+    if s.lower() not in ("0", "1", "false", "true"):
+        raise argparse.ArgumentTypeError(f"expected 0/1/true/false, got {s!r}")
+    return s.lower() in ("1", "true")
 
 
 def parse_flags(argv) -> dict:
@@ -248,7 +245,8 @@ def allreduce_amax(model) -> None:
 
 
 def make_optimizer(model, cfg: TrainConfig, device: str):
-    """AdamW; weight decay on matrices only (nanoGPT). Level 0: torch's fused AdamW; level 1: FP8AdamW."""
+    """AdamW; weight decay on matrices only (nanoGPT). Level 0: torch's fused AdamW; levels 1-2: FP8AdamW
+    (level 1: FP32 moments; level 2: FP8 m1 + FP16 m2, each with a per-tensor scale)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
@@ -365,8 +363,28 @@ def peak_mem_gb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB: process peak RSS
 
 
-def fmt_rate(x: float) -> str:
-    return f"{x / 1e6:.1f}M" if x >= 1e6 else f"{x / 1e3:.1f}k"
+class Logger:
+    """Rank 0's JSON-lines log file and console; other ranks pass path=None and stay silent."""
+
+    def __init__(self, path):
+        self.f = open(path, "a") if path else None
+
+    def __call__(self, rec: dict, line: str = ""):
+        if self.f:
+            if rec:
+                self.f.write(json.dumps(rec) + "\n")
+                self.f.flush()
+            if line:
+                print(line, flush=True)
+
+    def step(self, **r):
+        rate = f"{r['tok_s'] / 1e6:.1f}M" if r["tok_s"] >= 1e6 else f"{r['tok_s'] / 1e3:.1f}k"
+        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.0f}%"
+        lr = f"{r['lr']:.1e}".replace("e-0", "e-")  # 6.0e-4
+        self(dict(type="step", **r),
+             f"step {r['step']} | loss {r['loss']:.4f} | lr {lr} | {r['ms']:.0f} ms | {rate} tok/s | mfu {mfu} | "
+             f"mem {r['mem_gb']:.1f} GB | sat {r['sat']:.2f}%"
+             + (f" | SKIPPED (non-finite, {r['n_skipped']} so far)" if r["skipped"] else ""))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -411,6 +429,28 @@ def train_step(model, raw, opt, params, data, step: int, cfg: TrainConfig, accum
     return loss_sum, found_inf, norm
 
 
+def build(cfg: TrainConfig, world: int, device: str, ckpt_path: str):
+    """Model (FP8 modules swapped in at the level), optimizer, resumed state, then the DDP and compile
+    wrappers: (raw model, model to call, optimizer, first step, skipped steps so far)."""
+    torch.manual_seed(cfg.seed)
+    raw = fp8.convert_to_fp8(M.GPT(model_config(cfg)).to(device), cfg.fp8_level)
+    opt = make_optimizer(raw, cfg, device)
+    start, n_skipped = 0, 0
+    if cfg.resume:
+        if not os.path.exists(ckpt_path):
+            raise ValueError(f"--resume=1 but there is no checkpoint at {ckpt_path}")
+        ck = load_checkpoint(ckpt_path, raw, opt, cfg, device)
+        start, n_skipped = ck["step"], ck["n_skipped"]
+    model = raw
+    if world > 1:
+        if cfg.fp8_level >= 1:  # their grads live in FP8 buffers, not .grad: reduced by allreduce_fp8_grads
+            DDP._set_params_and_buffers_to_ignore_for_model(raw, [n for n, p in raw.named_parameters() if fp8.is_fp8_param(p)])
+        model = DDP(raw, device_ids=[device] if device.startswith("cuda") else None, broadcast_buffers=False)
+    if cfg.compile:
+        model = torch.compile(model)
+    return raw, model, opt, start, n_skipped
+
+
 def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device: str = "cpu") -> dict:
     """The whole run: data, model, optimizer, resume, loop with eval/checkpoints/logging."""
     master, tok_micro = rank == 0, cfg.batch_size * cfg.block_size
@@ -425,40 +465,16 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device: str = "cpu") 
     if world > 1:
         dist.barrier()
     data, val = load_split(cfg.data_dir, "train"), load_split(cfg.data_dir, "val")
-    torch.manual_seed(cfg.seed)
-    raw = fp8.convert_to_fp8(M.GPT(model_config(cfg)).to(device), cfg.fp8_level)
-    opt = make_optimizer(raw, cfg, device)
-    params = [p for p in raw.parameters() if p.requires_grad]
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
-    start, n_skipped, consecutive = 0, 0, 0
-    if cfg.resume:
-        if not os.path.exists(ckpt_path):
-            raise ValueError(f"--resume=1 but there is no checkpoint at {ckpt_path}")
-        ck = load_checkpoint(ckpt_path, raw, opt, cfg, device)
-        start, n_skipped = ck["step"], ck["n_skipped"]
-    model = raw
-    if world > 1:
-        if cfg.fp8_level >= 1:  # their grads live in FP8 buffers, not .grad: reduced by allreduce_fp8_grads
-            DDP._set_params_and_buffers_to_ignore_for_model(raw, [n for n, p in raw.named_parameters() if fp8.is_fp8_param(p)])
-        model = DDP(raw, device_ids=[device] if device.startswith("cuda") else None, broadcast_buffers=False)
-    if cfg.compile:
-        model = torch.compile(model)
-    logf = open(log_path, "a") if master else None
-
-    def log(rec: dict, line: str = ""):
-        if master:
-            logf.write(json.dumps(rec) + "\n")
-            logf.flush()
-            if line:
-                print(line, flush=True)
-
+    raw, model, opt, start, n_skipped = build(cfg, world, device, ckpt_path)
+    params, consecutive, losses, val_losses = [p for p in raw.parameters() if p.requires_grad], 0, {}, {}
+    log = Logger(log_path if master else None)
     log(run_header(cfg, raw.config, raw.num_params(), accum, world, device),
         f"{cfg.preset} ({cfg.arch}, {raw.num_params() / 1e6:.1f}M params) | fp8_level {cfg.fp8_level} | {device} x {world} | "
         f"batch {total} tokens = {cfg.batch_size} x {cfg.block_size} x {accum} accum x {world} ranks | "
         f"steps {start}..{cfg.max_steps}")
     peak, fpt = peak_flops(device, cfg.fp8_level), raw.flops_per_token(cfg.block_size)
-    losses, val_losses = {}, {}
     for step in range(start, cfg.max_steps + 1):
         if (step % max(cfg.eval_interval, 1) == 0 or step == cfg.max_steps) and not (cfg.resume and step == start):
             val_losses[step] = evaluate(raw, val, cfg, rank, world, device)
@@ -470,22 +486,17 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device: str = "cpu") 
         t0 = time.perf_counter()
         loss, found_inf, norm = train_step(model, raw, opt, params, data, step, cfg, accum, rank, world, device)
         loss_v, skipped, norm_v = torch.stack([loss.float(), found_inf.float().reshape(()), norm.float()]).tolist()
-        dt = time.perf_counter() - t0
-        sat, mem, tok_s = read_saturation(raw), peak_mem_gb(device), total / dt
-        mfu = fpt * tok_s / (peak * world) if peak else None
-        losses[step] = loss_v
-        n_skipped, consecutive = n_skipped + int(skipped), (consecutive + 1) if skipped else 0
-        log(dict(type="step", step=step, loss=loss_v, lr=lr_at(step, cfg), ms=1e3 * dt, tok_s=tok_s, mfu=mfu,
-                 mem_gb=mem, sat=sat, grad_norm=norm_v, skipped=bool(skipped), n_skipped=n_skipped),
-            f"step {step} | loss {loss_v:.4f} | lr {lr_at(step, cfg):.1e} | {1e3 * dt:.0f} ms | {fmt_rate(tok_s)} tok/s | "
-            f"mfu {'-' if mfu is None else f'{100 * mfu:.0f}%'} | mem {mem:.1f} GB | sat {sat:.2f}%"
-            + (f" | SKIPPED (non-finite, {n_skipped} so far)" if skipped else ""))
+        dt = time.perf_counter() - t0  # the .tolist() above waited for the step to finish
+        losses[step], n_skipped = loss_v, n_skipped + int(skipped)
+        consecutive = consecutive + 1 if skipped else 0
+        mfu = fpt * total / dt / (peak * world) if peak else None
+        log.step(step=step, loss=loss_v, lr=lr_at(step, cfg), ms=1e3 * dt, tok_s=total / dt, mfu=mfu,
+                 mem_gb=peak_mem_gb(device), sat=read_saturation(raw), grad_norm=norm_v, skipped=bool(skipped),
+                 n_skipped=n_skipped)
         if consecutive >= cfg.max_skips:
             raise Diverged(f"{consecutive} consecutive steps with non-finite loss or gradients: stopping at step "
                            f"{step}. The last good checkpoint is {ckpt_path if os.path.exists(ckpt_path) else 'none'}")
-    if master:
-        print(f"done: checkpoint {ckpt_path} | log {log_path} | {n_skipped} skipped steps")
-        logf.close()
+    log({}, f"done: checkpoint {ckpt_path} | log {log_path} | {n_skipped} skipped steps")
     return dict(losses=losses, val_losses=val_losses, n_skipped=n_skipped, ckpt=ckpt_path, log=log_path, model=raw)
 
 
