@@ -41,8 +41,9 @@ CLIP_EPS = 1e-6  # clip coefficient max_norm / (norm + eps), as torch.nn.utils.c
 ADAM_BLOCK = 2048 if not kernels.INTERPRET else 4096
 SUMSQ_BLOCK = 4096
 # per-tensor scalars of one launch, rows of a float32 (N_META, n) table
-G_SI, ACTIVE, M1_SI, M1_SCALE, M1_SI_NEW, M2_SI, M2_SCALE, M2_SI_NEW, STEP_SIZE, BC2_SQRT = range(10)
-N_META = 10
+# (device-side, so that lr and the step count may be device tensors: no host sync, CUDA-graph safe)
+G_SI, ACTIVE, M1_SI, M1_SCALE, M1_SI_NEW, M2_SI, M2_SCALE, M2_SI_NEW, STEP_SIZE, BC2_SQRT, DECAY = range(11)
+N_META = 11
 # columns of the int64 (n, 8) pointer table: data pointers, then sizes
 T_W, T_G, T_M1, T_M2, T_MASTER, T_NUMEL, T_FIRST_BLOCK, T_HAS_GRAD = range(8)
 
@@ -66,31 +67,36 @@ def pow2_scale(bound: torch.Tensor, dtype: torch.dtype, prev_scale: torch.Tensor
 # table gives the data pointers (int64 -> typed pointer; the first tensor of each kind is passed only
 # for its element type), numel and first block. An inactive tensor (no grad, or found_inf) has every
 # load and store masked off, so a skipped step touches nothing. Divisions and square roots are the
-# IEEE-rounded ones (div_rn, sqrt_rn) so that the torch reference below agrees bit for bit in the
-# interpreter; on the GPU, FMA contraction leaves 1-ulp fp32 differences.
+# IEEE-rounded ones (div_rn, sqrt_rn) and the launch sets enable_fp_fusion=False (no mul+add -> FMA
+# contraction, by LLVM or ptxas), so every fp32 operation is rounded as in the torch reference below:
+# the kernel matches it bit for bit, in the interpreter and on the GPU. (With contraction on, the
+# first H100 run differed by 1 fp32 ulp in up to 47% of elements, e.g. m + 0.1 * (g - m) = 0 in the
+# reference but -1.5e-8 * m with an FMA when g = -9m; costs nothing measurable: the kernel is memory-bound.)
 
 
 @triton.jit
-def _store_state(ptr, offs, mask, x, scale, SCALED: tl.constexpr, FMAX: tl.constexpr, IS_FP8: tl.constexpr,
-                 EXACT_ROUND: tl.constexpr):
+def _store_state(ptr, offs, mask, x, scale, SCALED: tl.constexpr, FMAX: tl.constexpr, IS_FP8: tl.constexpr):
     """x (fp32) -> storage dtype (x * scale, saturated); returns max |stored| in scaled units."""
     if SCALED:
         x = tl.clamp(x * scale, -FMAX, FMAX, propagate_nan=tl.PropagateNan.ALL)
-    if EXACT_ROUND and IS_FP8:
-        x = kernels._round_to_fp8_grid(x, 3, -6)
-    q = x.to(ptr.dtype.element_ty)
+    if IS_FP8:  # integer conversion (kernels._soft_fp8): Triton's fp32 -> fp8 is miscompiled on H100
+        x = kernels._round_to_fp8_grid(x, 3, -6)  # the exact value stored, for the amax
+        q = kernels._soft_fp8(x, 3, -6).to(ptr.dtype.element_ty, bitcast=True)
+    else:
+        q = x.to(ptr.dtype.element_ty)
+        x = q.to(tl.float32)
     tl.store(ptr + offs, q, mask=mask)
-    return tl.max(tl.abs(q.to(tl.float32)), axis=0)
+    return tl.max(tl.abs(x), axis=0)
 
 
 @triton.jit
 def _adam_kernel(
     table_ptr, block_ptr, meta_ptr, amax_ptr,  # int64 (n, 8), int32 (nblocks,), float32 (N_META, n), (2, n)
     w0_ptr, g0_ptr, m10_ptr, m20_ptr, master0_ptr,  # element types of the columns
-    n, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay,  # sizes and hyperparameters
+    n, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,  # sizes and hyperparameters (lr: in meta)
     M1_SCALED: tl.constexpr, M1_MAX: tl.constexpr, M1_FP8: tl.constexpr,
     M2_SCALED: tl.constexpr, M2_MAX: tl.constexpr, M2_FP8: tl.constexpr,
-    HAS_MASTER: tl.constexpr, EXACT_ROUND: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_MASTER: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(block_ptr + pid).to(tl.int64)
@@ -117,14 +123,14 @@ def _adam_kernel(
     # AdamW (torch's order): decay, moments, w -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
     m = m + one_minus_beta1 * (g - m)
     v = v * beta2 + one_minus_beta2 * g * g
-    w = w * decay
+    w = w * tl.load(meta_ptr + 10 * n + t)  # DECAY = 1 - lr * weight_decay
     denom = tl.div_rn(tl.sqrt_rn(v), tl.load(meta_ptr + 9 * n + t)) + eps  # BC2_SQRT
     w = w - tl.load(meta_ptr + 8 * n + t) * tl.div_rn(m, denom)  # STEP_SIZE
     if HAS_MASTER:
         tl.store(master_ptr + offs, w, mask=mask)
     tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=mask)
-    a1 = _store_state(m1_ptr, offs, mask, m, tl.load(meta_ptr + 3 * n + t), M1_SCALED, M1_MAX, M1_FP8, EXACT_ROUND)
-    a2 = _store_state(m2_ptr, offs, mask, v, tl.load(meta_ptr + 6 * n + t), M2_SCALED, M2_MAX, M2_FP8, EXACT_ROUND)
+    a1 = _store_state(m1_ptr, offs, mask, m, tl.load(meta_ptr + 3 * n + t), M1_SCALED, M1_MAX, M1_FP8)
+    a2 = _store_state(m2_ptr, offs, mask, v, tl.load(meta_ptr + 6 * n + t), M2_SCALED, M2_MAX, M2_FP8)
     if M1_SCALED:
         tl.atomic_max(amax_ptr + t, a1 * tl.load(meta_ptr + 4 * n + t))  # M1_SI_NEW: power of 2, exact
     if M2_SCALED:
@@ -147,12 +153,14 @@ _TABLES: dict = {}  # pointer tables by (pointers, block): rebuilt only when a t
 
 def pointer_table(cols: list, has_grad: list, block: int):
     """cols: 5 lists (w, g, m1, m2, master) of n tensors -> (int64 (n, 8) table, int32 block map, nblocks)."""
-    key = (tuple(t.data_ptr() for c in cols for t in c), tuple(has_grad), block)
+    # numels too: a freed tensor's address is soon reused (CUDA caching allocator) by one of another size
+    key = (tuple(t.data_ptr() for c in cols for t in c), tuple(t.numel() for t in cols[0]), tuple(has_grad), block)
     if key not in _TABLES:
         rows, block_map, first = [], [], 0
         for i, w in enumerate(cols[0]):
             for c in cols:
                 assert c[i].data_ptr() % 16 == 0 and c[i].is_contiguous(), "fused Adam needs 16-byte aligned, contiguous tensors"
+                assert c[i].numel() == w.numel(), "fused Adam: weight, grad, states and master differ in size"
             nb = triton.cdiv(w.numel(), block)
             rows.append([c[i].data_ptr() for c in cols] + [w.numel(), first, int(has_grad[i])])
             block_map += [i] * nb
@@ -182,8 +190,9 @@ def adam_step_ref(ws, gs, m1s, m2s, masters, meta, amax_out, hp: dict) -> None:
         w = (masters[i] if masters is not None else ws[i]).float()
         m = m + f["one_minus_beta1"] * (g - m)
         v = v * f["beta2"] + f["one_minus_beta2"] * g * g
-        w = w * f["decay"]
-        denom = torch.sqrt(v) / meta[BC2_SQRT, i] + f["eps"]
+        w = w * meta[DECAY, i]
+        # correctly rounded sqrt (torch's fp32 CPU sqrt is not), true division (a 0-dim divisor is x * (1/d))
+        denom = v.double().sqrt().float() / meta[BC2_SQRT, i].expand_as(v) + f["eps"]
         w = w - meta[STEP_SIZE, i] * (m / denom)
         if masters is not None:
             masters[i].copy_(w)
@@ -200,20 +209,22 @@ def adam_step_ref(ws, gs, m1s, m2s, masters, meta, amax_out, hp: dict) -> None:
 
 def fused_adam_step(ws, gs, m1s, m2s, masters, meta, amax_out, hp: dict, block: int = ADAM_BLOCK) -> None:
     """One AdamW step of n tensors in one launch. ws/gs/m1s/m2s/masters: lists of n tensors (masters or
-    None), gs FP8 (x meta[G_SI]) or float; meta float32 (N_META, n); amax_out float32 (2, n) zeros."""
+    None), gs FP8 (x meta[G_SI]) or float; meta float32 (N_META, n); amax_out float32 (2, n) zeros;
+    hp: python floats beta1, one_minus_beta1, beta2, one_minus_beta2, eps."""
     assert meta.shape == (N_META, len(ws)) and amax_out.shape == (2, len(ws)) and meta.dtype == torch.float32
     if not kernels.use_triton(ws[0]):
         return adam_step_ref(ws, gs, m1s, m2s, masters, meta, amax_out, hp)
     cols = [ws, gs, m1s, m2s, masters if masters is not None else ws]
     table, bmap, nblocks = pointer_table(cols, [True] * len(ws), block)
     d1, d2 = m1s[0].dtype, m2s[0].dtype
+    f32 = {k: torch.tensor(v, dtype=torch.float32).item() for k, v in hp.items()}  # fp32 values, as the ref
     _adam_kernel[(nblocks,)](
         table, bmap, meta, amax_out, *[c[0] for c in cols], len(ws),
-        hp["beta1"], hp["one_minus_beta1"], hp["beta2"], hp["one_minus_beta2"], hp["eps"], hp["decay"],
+        f32["beta1"], f32["one_minus_beta1"], f32["beta2"], f32["one_minus_beta2"], f32["eps"],
         M1_SCALED=is_scaled(d1), M1_MAX=torch.finfo(d1).max, M1_FP8=d1 == E4M3,
         M2_SCALED=is_scaled(d2), M2_MAX=torch.finfo(d2).max, M2_FP8=d2 == E4M3,
-        HAS_MASTER=masters is not None, EXACT_ROUND=kernels.INTERPRET, BLOCK=block,
-        num_warps=8 if not kernels.INTERPRET else 1)
+        HAS_MASTER=masters is not None, BLOCK=block,
+        num_warps=8 if not kernels.INTERPRET else 1, enable_fp_fusion=False)  # bit-exact vs adam_step_ref
 
 
 def weighted_sumsq(gs: list, weights: torch.Tensor) -> torch.Tensor:
@@ -307,7 +318,8 @@ class _Bucket:
             return [g.data for g in gts], si, si != 0
         has = tuple(p.grad is not None for p in self.params)
         if has not in self._has_cache:
-            self._has_cache[has] = torch.tensor(has, device=self.meta.device)
+            pin = self.meta.is_cuda  # a pinned, non-blocking copy: no sync even the first time
+            self._has_cache[has] = torch.tensor(has, pin_memory=pin).to(self.meta.device, non_blocking=True)
         gs = [p.grad if p.grad is not None else p for p in self.params]
         for p, g in zip(self.params, gs):
             assert g.dtype == p.dtype and g.is_contiguous(), f"grad must be contiguous {p.dtype}, got {g.dtype}"
@@ -315,7 +327,10 @@ class _Bucket:
 
     def step(self, group: dict, grad_scale: torch.Tensor, found_inf: torch.Tensor) -> None:
         beta1, beta2 = group["betas"]
-        lr = float(group["lr"])
+        lr = group["lr"]  # a python number, or a 0-dim tensor read on the device (no sync)
+        lr = lr.detach().double() if torch.is_tensor(lr) else float(lr)
+        if not self.is_fp8 and all(p.grad is None for p in self.params):
+            return  # host-known: nothing to do (torch skips params without grad)
         gs, g_si, has = self.grads()
         active = has & ~found_inf
         g_si = g_si * grad_scale  # the clip coefficient rides on the per-tensor dequantization scale
@@ -330,16 +345,19 @@ class _Bucket:
         for row, dt, b, si in ((M1_SCALE, self.m1_dtype, bounds[0], st[1]), (M2_SCALE, self.m2_dtype, bounds[1], st[2])):
             meta[row] = pow2_scale(b, dt, 1.0 / si) if is_scaled(dt) else torch.ones_like(si)
             meta[row + 1] = 1.0 / meta[row]
-        meta[STEP_SIZE] = lr / (1 - beta1 ** step)
+        meta[STEP_SIZE] = lr / (1 - beta1 ** step)  # float64, then rounded once to float32
         meta[BC2_SQRT] = (1 - beta2 ** step).sqrt()
+        meta[DECAY] = 1 - lr * group["weight_decay"]
         amax = torch.zeros(2, len(self.params), device=st.device)
-        hp = dict(beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
-                  eps=group["eps"], decay=1 - lr * group["weight_decay"])
-        masters = [self_state["master"] for self_state in self._states] if self.has_master else None
+        hp = dict(beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2, eps=group["eps"])
+        masters = [s["master"] for s in self._states] if self.has_master else None
         fused_adam_step(self.params, gs, self._m1s, self._m2s, masters, meta, amax, hp)
         # commit the new scales and amaxes of the tensors that stepped
-        st[1:3] = torch.where(active, meta[[M1_SI_NEW, M2_SI_NEW]], st[1:3])
+        # (not meta[[M1_SI_NEW, M2_SI_NEW]]: a python-list index is copied host -> device, a sync)
+        st[1:3] = torch.where(active, torch.stack((meta[M1_SI_NEW], meta[M2_SI_NEW])), st[1:3])
         st[3:5] = torch.where(active, amax, st[3:5])
+        for p in self.params if self.is_fp8 else ():  # the layer's cached FP8 weight copy is now stale
+            p._fp8_owner._weight_fp8_t = None
 
     def bind(self, state: dict) -> None:
         self._states = [state[p] for p in self.params]
@@ -350,12 +368,16 @@ class _Bucket:
 class FP8AdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias correction) with decoupled precision for FP8 linear weights:
     m1/m2 in m1_dtype/m2_dtype (E4M3, float16 or float32; the first two with a per-tensor power-of-two
-    scale), master float16 (the weight itself) or float32 (a separate copy). Others: FP32 states."""
+    scale), master float16 (the weight itself) or float32 (a separate copy). Others: FP32 states.
+    lr may be a 0-dim tensor on the params' device (per group too): it and the step counts are then read on
+    the device only, so step() makes no host sync and can be captured in a CUDA graph (after a first step)."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, master_dtype: torch.dtype = torch.float16,
                  m1_dtype: torch.dtype = E4M3, m2_dtype: torch.dtype = torch.float16):
-        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
+        if torch.is_tensor(lr) and lr.dim() != 0:
+            raise ValueError(f"a tensor lr must be 0-dim (on the params' device), got shape {tuple(lr.shape)}")
+        if float(lr) < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"need lr, eps, weight_decay >= 0 and 0 <= betas < 1, got {lr}, {eps}, {weight_decay}, {betas}")
         self._buckets: list = []  # per param group, filled by add_param_group
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
@@ -434,4 +456,8 @@ class FP8AdamW(torch.optim.Optimizer):
         for t, s in pairs:  # all checked first: a failed load changes nothing
             t.copy_(s)
         for g, s in zip(self.param_groups, saved_groups):
-            g.update({k: v for k, v in s.items() if k != "params"})
+            for k, v in s.items():
+                if k != "params" and torch.is_tensor(g.get(k)):  # e.g. a tensor lr: keep its storage
+                    g[k].copy_(v) if torch.is_tensor(v) else g[k].fill_(v)  # (a CUDA graph captured it)
+                elif k != "params":
+                    g[k] = v

@@ -200,9 +200,10 @@ def test_nan_batch_is_skipped(level, data_dir, tmp_path, poison, monkeypatch):
     seen = {}
     step_fn = TR.train_step
 
-    def checked(model, raw, opt, params, data, step, *a):  # weights and optimizer states untouched at step 3
+    def checked(model, raw, opt, params, *a):  # weights and optimizer states untouched at step 3
+        step = len(seen)  # one call per step, from step 0
         before = [t.clone() for t in list(raw.parameters()) + _opt_tensors(opt)]
-        out = step_fn(model, raw, opt, params, data, step, *a)
+        out = step_fn(model, raw, opt, params, *a)
         seen[step] = all(torch.equal(x, y) for x, y in zip(before, list(raw.parameters()) + _opt_tensors(opt)))
         return out
 

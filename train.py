@@ -395,20 +395,25 @@ class Diverged(RuntimeError):
     pass
 
 
-def train_step(model, raw, opt, params, data, step: int, cfg: TrainConfig, accum: int, rank: int, world: int,
-               device: str):
-    """One optimizer step over `accum` micro-batches; returns device tensors (loss, found_inf, grad norm)."""
-    for group in opt.param_groups:
-        group["lr"] = lr_at(step, cfg)
+def fetch_batches(data, step: int, cfg: TrainConfig, accum: int, rank: int, world: int, device: str):
+    """This rank's micro-batches of step `step`: (x, y), each (accum, B, T) int64 on device."""
     B, T = cfg.batch_size, cfg.block_size
     offs = batch_offsets(len(data), step, B * accum * world, T, cfg.seed)  # the global batch of this step
+    mine = offs[rank * accum * B:(rank + 1) * accum * B]
+    x, y = get_batch(data, mine, T, device)  # (accum * B, T)
+    return x.view(accum, B, T), y.view(accum, B, T)
+
+
+def train_step(model, raw, opt, params, xs, ys, cfg: TrainConfig, world: int, device: str):
+    """One optimizer step over the micro-batches xs, ys (accum, B, T); device tensors only, no host sync
+    (so it can be captured in a CUDA graph). Returns device tensors (loss, found_inf, grad norm)."""
+    accum = xs.shape[0]
     loss_sum = torch.zeros((), device=device)
     for micro in range(accum):
-        x, y = get_batch(data, offs[(rank * accum + micro) * B:][:B], T, device)
         no_sync = world > 1 and micro < accum - 1  # DDP all-reduces on the last micro-batch only
         with model.no_sync() if no_sync else contextlib.nullcontext():
             with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
-                loss = model(x, y)[1] / accum
+                loss = model(xs[micro], ys[micro])[1] / accum
             loss.backward()
         loss_sum += loss.detach()
     if world > 1:
@@ -484,7 +489,10 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device: str = "cpu") 
         if step == cfg.max_steps:
             break
         t0 = time.perf_counter()
-        loss, found_inf, norm = train_step(model, raw, opt, params, data, step, cfg, accum, rank, world, device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        xs, ys = fetch_batches(data, step, cfg, accum, rank, world, device)
+        loss, found_inf, norm = train_step(model, raw, opt, params, xs, ys, cfg, world, device)
         loss_v, skipped, norm_v = torch.stack([loss.float(), found_inf.float().reshape(()), norm.float()]).tolist()
         dt = time.perf_counter() - t0  # the .tolist() above waited for the step to finish
         losses[step], n_skipped = loss_v, n_skipped + int(skipped)
