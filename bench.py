@@ -4,6 +4,7 @@ bench.py: speed of the nanoFP8 pieces against BF16 and peers, side by side in on
   python bench.py gemm      FP8 GEMM (Triton, ours) vs torch._scaled_mm (cuBLAS) vs BF16 torch.matmul
   python bench.py cast      fused amax+scale+cast(+transpose) vs eager torch / torch.compile vs copy bandwidth
   python bench.py linear    FP8Linear fwd+bwd (3 FP8 GEMMs, casts, FP8 weight grad) vs BF16 nn.Linear
+  python bench.py step --presets 124m 1.3b   train.py's whole training step per level vs BF16 (compiled)
 
 Each prints a header (GPU, versions), a fixed-width table, and one JSON line last (also written to
 --json FILE when given). Times are medians of triton.testing.do_bench (CUDA events).
@@ -148,13 +149,87 @@ def bench_linear(args) -> dict:
     return {"rows": rows}
 
 
-SUBCOMMANDS = {"gemm": bench_gemm, "cast": bench_cast, "linear": bench_linear}
+STEP_SHAPES = {"124m": ("gpt2-124m", 16, 1024), "350m": ("gpt2-350m", 16, 1024), "1.3b": ("gpt-1.3b", 8, 2048)}
+STEP_VARIANTS = [("bf16 (level 0)", 0), ("fp8 level 1", 1), ("fp8 level 2", 2)]
+
+
+def _time_step(preset, B, T, level, compile_, graph, steps):
+    """Build exactly what train.py builds, time its training step on fixed random tokens."""
+    import train as TR
+    torch.manual_seed(0)
+    flags = dict(preset=preset, fp8_level=level, batch_size=B, block_size=T, compile=compile_, cuda_graph=graph,
+                 max_steps=10 ** 6, warmup_steps=10)
+    cfg = TR.resolve(flags, "cuda")
+    torch.cuda.reset_peak_memory_stats()
+    raw, model, opt, _, _ = TR.build(cfg, 1, "cuda", "")
+    params = [p for p in raw.parameters() if p.requires_grad]
+    xs = torch.randint(0, raw.config.vocab_size, (1, B, T), device="cuda")
+    ys = torch.randint(0, raw.config.vocab_size, (1, B, T), device="cuda")
+    stepper = TR.GraphedStep(model, raw, opt, params, cfg, "cuda") if graph else None
+
+    def step(i):
+        if stepper is not None:
+            return stepper(xs, ys, TR.lr_at(i, cfg))
+        for g in opt.param_groups:
+            g["lr"] = TR.lr_at(i, cfg)
+        return TR.train_step(model, raw, opt, params, xs, ys, cfg, 1, "cuda")
+
+    for i in range(5):  # eager warm-up (autotune, compile), capture, first replays
+        loss = step(i)[0]
+    torch.cuda.synchronize()
+    times = []
+    for i in range(steps):
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        loss = step(5 + i)[0]
+        t1.record()
+        t1.synchronize()
+        times.append(t0.elapsed_time(t1))
+    ms = sorted(times)[len(times) // 2]
+    r = {"ms": ms, "tok_s": B * T / ms * 1e3, "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+         "loss": loss.item(), "mfu": raw.flops_per_token(T) * B * T / (ms / 1e3) / TR.peak_flops("cuda", level)}
+    del raw, model, opt, params, stepper
+    torch.cuda.empty_cache()
+    return r
+
+
+def bench_step(args) -> dict:
+    """Training step (fwd + bwd + optimizer) of train.py's model per level, median of many steps."""
+    out = {}
+    print(f"{'preset':<6} {'variant':<26} {'ms/step':>8} {'tok/s':>9} {'mfu':>5} {'peak GB':>8} {'vs bf16':>8}")
+    for name in args.presets:
+        preset, B, T = STEP_SHAPES[name]
+        base = None
+        for label, level in STEP_VARIANTS:
+            for compile_, graph in ((True, True), (False, True)) if level == 0 else ((False, True), (True, True)):
+                tag = f"{label}{' +compile' if compile_ else ''}{' +graph' if graph else ''}"
+                try:
+                    r = _time_step(preset, B, T, level, compile_, graph, args.steps)
+                except Exception as e:  # one failing variant must not hide the others
+                    print(f"{name:<6} {tag:<26} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                    torch.cuda.empty_cache()
+                    continue
+                base = base or r["ms"]
+                r["vs_bf16"] = base / r["ms"]
+                out[f"{name}/{tag}"] = r
+                print(f"{name:<6} {tag:<26} {r['ms']:8.1f} {r['tok_s']:9.0f} {100 * r['mfu']:4.0f}% {r['peak_gb']:8.1f} "
+                      f"{r['vs_bf16']:7.2f}x", flush=True)
+    try:
+        import torchao  # noqa: F401  (optional peer)
+    except ImportError:
+        print("torchao is not installed here: its float8 training was not measured in this run")
+    return out
+
+
+SUBCOMMANDS = {"gemm": bench_gemm, "cast": bench_cast, "linear": bench_linear, "step": bench_step}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="+", choices=sorted(SUBCOMMANDS))
     p.add_argument("--json", default=None, help="also append the JSON results to this file")
+    p.add_argument("--presets", nargs="+", default=["124m"], choices=sorted(STEP_SHAPES), help="for step")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per variant (step)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench.py measures GPU speed: no CUDA device found")

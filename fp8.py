@@ -138,19 +138,19 @@ class FP8Tensor:
 # calls the kernels directly (the dispatcher costs ~10 us a call, which small models feel).
 
 
-@torch.library.custom_op("nanofp8::cast", mutates_args=("amax", "stats", "colsum_out"))
-def _cast_op(x: torch.Tensor, scale: torch.Tensor, amax: torch.Tensor, stats: torch.Tensor,
-             fp8_dtype: torch.dtype, transpose: bool, pad_t: int,
-             colsum_out: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    y, y_t = kernels.cast_to_fp8(x, fp8_dtype, scale, amax, transpose, pad_t, stats, colsum_out=colsum_out)
-    return y, (y_t if y_t is not None else y.new_empty(0))
+@torch.library.custom_op("nanofp8::cast", mutates_args=("amax", "stats"))
+def _cast_op(x: torch.Tensor, scale: torch.Tensor, amax: torch.Tensor, stats: torch.Tensor, fp8_dtype: torch.dtype,
+             transpose: bool, pad_t: int, colsum: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    cs = x.new_empty(x.shape[1], dtype=torch.float32) if colsum else None
+    y, y_t = kernels.cast_to_fp8(x, fp8_dtype, scale, amax, transpose, pad_t, stats, colsum_out=cs)
+    return y, (y_t if y_t is not None else y.new_empty(0)), (cs if colsum else x.new_empty(0, dtype=torch.float32))
 
 
 @_cast_op.register_fake
-def _(x, scale, amax, stats, fp8_dtype, transpose, pad_t, colsum_out):
+def _(x, scale, amax, stats, fp8_dtype, transpose, pad_t, colsum):
     M, N = x.shape
     y_t = x.new_empty((N, kernels.round_up(M, pad_t)) if transpose else (0,), dtype=fp8_dtype)
-    return x.new_empty((M, N), dtype=fp8_dtype), y_t
+    return x.new_empty((M, N), dtype=fp8_dtype), y_t, x.new_empty(N if colsum else 0, dtype=torch.float32)
 
 
 @torch.library.custom_op("nanofp8::cast_jit", mutates_args=("out", "scale_inv_out"))
@@ -175,23 +175,40 @@ def _(x, amax):
     return None
 
 
-@torch.library.custom_op("nanofp8::gemm", mutates_args=("amax_out",))
+@torch.library.custom_op("nanofp8::gemm", mutates_args=())
 def _gemm_op(a: torch.Tensor, b: torch.Tensor, a_scale_inv: torch.Tensor, b_scale_inv: torch.Tensor,
-             out_dtype: torch.dtype, bias: Optional[torch.Tensor], prev: Optional[torch.Tensor],
-             prev_scale_inv: Optional[torch.Tensor], amax_out: Optional[torch.Tensor]) -> torch.Tensor:
-    acc = (prev, prev_scale_inv) if prev is not None else None
-    return kernels.fp8_gemm(a, b, a_scale_inv, b_scale_inv, out_dtype, bias, acc_fp8=acc, amax_out=amax_out)
+             out_dtype: torch.dtype, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return kernels.fp8_gemm(a, b, a_scale_inv, b_scale_inv, out_dtype, bias)
 
 
 @_gemm_op.register_fake
-def _(a, b, a_scale_inv, b_scale_inv, out_dtype, bias, prev, prev_scale_inv, amax_out):
+def _(a, b, a_scale_inv, b_scale_inv, out_dtype, bias):
     return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
+
+
+# (optional mutable arguments confuse inductor's re-inplacing in torch 2.11: the wgrad variant, which
+# adds the running FP8 sum and takes the amax, is its own op with required arguments)
+@torch.library.custom_op("nanofp8::gemm_acc_fp8", mutates_args=("amax_out",))
+def _gemm_acc_op(a: torch.Tensor, b: torch.Tensor, a_scale_inv: torch.Tensor, b_scale_inv: torch.Tensor,
+                 prev: torch.Tensor, prev_scale_inv: torch.Tensor, amax_out: torch.Tensor) -> torch.Tensor:
+    return kernels.fp8_gemm(a, b, a_scale_inv, b_scale_inv, torch.float32, acc_fp8=(prev, prev_scale_inv),
+                            amax_out=amax_out)
+
+
+@_gemm_acc_op.register_fake
+def _(a, b, a_scale_inv, b_scale_inv, prev, prev_scale_inv, amax_out):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.float32)
 
 
 def cast(x, fp8_dtype, scale, amax, stats, transpose=False, pad_t=1, colsum_out=None):
     """Delayed-scaling cast (records amax); custom op under torch.compile, direct call in eager."""
     if torch.compiler.is_compiling():
-        y, y_t = _cast_op(x, scale, amax, stats, fp8_dtype, transpose, pad_t, colsum_out)
+        dummy = scale.new_zeros(1)  # not recording (eval): a scratch slot, functional for the compiler
+        amax = amax if amax is not None else dummy
+        stats = stats if stats is not None else dummy.new_zeros(2, dtype=torch.int32)
+        y, y_t, cs = _cast_op(x, scale, amax, stats, fp8_dtype, transpose, pad_t, colsum_out is not None)
+        if colsum_out is not None:
+            colsum_out.copy_(cs)
         return y, (y_t if transpose else None)
     return kernels.cast_to_fp8(x, fp8_dtype, scale, amax, transpose, pad_t, stats, colsum_out=colsum_out)
 
@@ -213,8 +230,9 @@ def amax_into(x, amax):
 
 def gemm(a, b, a_scale_inv, b_scale_inv, out_dtype=torch.bfloat16, bias=None, acc_fp8=None, amax_out=None):
     if torch.compiler.is_compiling():
-        prev, psi = acc_fp8 if acc_fp8 is not None else (None, None)
-        return _gemm_op(a, b, a_scale_inv, b_scale_inv, out_dtype, bias, prev, psi, amax_out)
+        if acc_fp8 is not None:
+            return _gemm_acc_op(a, b, a_scale_inv, b_scale_inv, *acc_fp8, amax_out)
+        return _gemm_op(a, b, a_scale_inv, b_scale_inv, out_dtype, bias)
     return kernels.fp8_gemm(a, b, a_scale_inv, b_scale_inv, out_dtype, bias, acc_fp8=acc_fp8, amax_out=amax_out)
 
 

@@ -14,6 +14,7 @@ CPU tensors -> the torch reference, so the same model trains on a laptop.
 """
 import functools
 import os
+import struct
 from typing import Optional
 
 import torch
@@ -158,10 +159,9 @@ def amax_into(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     return amax
 
 
-@functools.lru_cache(maxsize=None)
 def fmax_bits(fp8_dtype: torch.dtype):
     """(exponent, fp32 mantissa bits) of the format's max: 448 = 1.75 * 2^8, 57344 = 1.75 * 2^15."""
-    b = torch.tensor([fp8_max(fp8_dtype)], dtype=torch.float32).view(torch.int32).item()
+    b = struct.unpack("<I", struct.pack("<f", fp8_max(fp8_dtype)))[0]  # plain Python: traceable
     return ((b >> 23) & 0xFF) - 127, b & 0x7FFFFF
 
 

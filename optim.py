@@ -38,7 +38,7 @@ LEVEL_DTYPES = {  # FP8AdamW(..., **LEVEL_DTYPES[level]); DESIGN.md "Levels"
 }
 CLIP_EPS = 1e-6  # clip coefficient max_norm / (norm + eps), as torch.nn.utils.clip_grad_norm_
 # elements per program: 8 warps x 8 fp16 = 16-byte accesses; in the interpreter each program costs ~10 ms
-ADAM_BLOCK = 2048 if not kernels.INTERPRET else 4096
+ADAM_BLOCK = 1024 if not kernels.INTERPRET else 4096  # H100 sweep (bench.py optim): 1024 > 2048 > 4096
 SUMSQ_BLOCK = 4096
 # per-tensor scalars of one launch, rows of a float32 (N_META, n) table
 # (device-side, so that lr and the step count may be device tensors: no host sync, CUDA-graph safe)
@@ -91,7 +91,7 @@ def _store_state(ptr, offs, mask, x, scale, SCALED: tl.constexpr, FMAX: tl.const
 
 @triton.jit
 def _adam_kernel(
-    table_ptr, block_ptr, meta_ptr, amax_ptr,  # int64 (n, 8), int32 (nblocks,), float32 (N_META, n), (2, n)
+    table_ptr, block_ptr, meta_ptr, amax_ptr,  # int64 (n, 8), int32 (nblocks,), float32 (N_META, n), (2, nblocks)
     w0_ptr, g0_ptr, m10_ptr, m20_ptr, master0_ptr,  # element types of the columns
     n, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,  # sizes and hyperparameters (lr: in meta)
     M1_SCALED: tl.constexpr, M1_MAX: tl.constexpr, M1_FP8: tl.constexpr,
@@ -131,10 +131,13 @@ def _adam_kernel(
     tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=mask)
     a1 = _store_state(m1_ptr, offs, mask, m, tl.load(meta_ptr + 3 * n + t), M1_SCALED, M1_MAX, M1_FP8)
     a2 = _store_state(m2_ptr, offs, mask, v, tl.load(meta_ptr + 6 * n + t), M2_SCALED, M2_MAX, M2_FP8)
+    # per-block maxima, reduced per tensor afterwards: atomics on one address per tensor from
+    # thousands of blocks serialize in L2 (measured: level 2 at 54% of copy bandwidth with them)
+    nprog = tl.num_programs(0)
     if M1_SCALED:
-        tl.atomic_max(amax_ptr + t, a1 * tl.load(meta_ptr + 4 * n + t))  # M1_SI_NEW: power of 2, exact
+        tl.store(amax_ptr + pid, a1 * tl.load(meta_ptr + 4 * n + t))  # M1_SI_NEW: power of 2, exact
     if M2_SCALED:
-        tl.atomic_max(amax_ptr + n + t, a2 * tl.load(meta_ptr + 7 * n + t))
+        tl.store(amax_ptr + nprog + pid, a2 * tl.load(meta_ptr + 7 * n + t))
 
 
 @triton.jit
@@ -216,15 +219,18 @@ def fused_adam_step(ws, gs, m1s, m2s, masters, meta, amax_out, hp: dict, block: 
         return adam_step_ref(ws, gs, m1s, m2s, masters, meta, amax_out, hp)
     cols = [ws, gs, m1s, m2s, masters if masters is not None else ws]
     table, bmap, nblocks = pointer_table(cols, [True] * len(ws), block)
+    part = torch.zeros(2, nblocks, device=ws[0].device)  # per-block amaxes of m1, m2
     d1, d2 = m1s[0].dtype, m2s[0].dtype
     f32 = {k: torch.tensor(v, dtype=torch.float32).item() for k, v in hp.items()}  # fp32 values, as the ref
     _adam_kernel[(nblocks,)](
-        table, bmap, meta, amax_out, *[c[0] for c in cols], len(ws),
+        table, bmap, meta, part, *[c[0] for c in cols], len(ws),
         f32["beta1"], f32["one_minus_beta1"], f32["beta2"], f32["one_minus_beta2"], f32["eps"],
         M1_SCALED=is_scaled(d1), M1_MAX=torch.finfo(d1).max, M1_FP8=d1 == E4M3,
         M2_SCALED=is_scaled(d2), M2_MAX=torch.finfo(d2).max, M2_FP8=d2 == E4M3,
         HAS_MASTER=masters is not None, BLOCK=block,
         num_warps=8 if not kernels.INTERPRET else 1, enable_fp_fusion=False)  # bit-exact vs adam_step_ref
+    if is_scaled(d1) or is_scaled(d2):  # max over each tensor's blocks (exact, order-free)
+        amax_out.scatter_reduce_(1, bmap.long()[None].expand(2, -1), part, "amax")
 
 
 def weighted_sumsq(gs: list, weights: torch.Tensor) -> torch.Tensor:
@@ -254,10 +260,13 @@ def _fp8_grad_amax(p: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_and_check(params: Iterable[torch.Tensor], max_norm: Optional[float]):
+def clip_and_check(params: Iterable[torch.Tensor], max_norm: Optional[float],
+                   reduce_fp8_sq: Optional[Callable[[torch.Tensor], None]] = None):
     """Global L2 norm of all gradients (FP8 ones dequantized) -> (grad_scale, found_inf, total_norm),
     0-dim device tensors: grad_scale = min(1, max_norm / (norm + 1e-6)) (1 when found_inf or max_norm
-    is None), found_inf = any gradient (or FP8 grad amax) non-finite. Pass both to FP8AdamW.step."""
+    is None), found_inf = any gradient (or FP8 grad amax) non-finite. Pass both to FP8AdamW.step.
+    reduce_fp8_sq (level 3, every rank calls it): sums, in place, the FP8 grads' float64 sum of squares
+    over ranks that each hold the reduced grads of their own tensors only."""
     params = list(params)
     dev = params[0].device
     total_sq = torch.zeros((), dtype=torch.float64, device=dev)
@@ -269,11 +278,15 @@ def clip_and_check(params: Iterable[torch.Tensor], max_norm: Optional[float]):
     for grads in by_dtype.values():
         total_sq = total_sq + torch.stack(torch._foreach_norm(grads)).double().square().sum()
     fp8_ps = [p for p in params if fp8.is_fp8_param(p)]
+    fp8_sq = torch.zeros((), dtype=torch.float64, device=dev)
     if fp8_ps:
         gts = [fp8.fp8_grad(p) for p in fp8_ps]
         si = torch.cat([g.scale_inv.reshape(1) for g in gts]).double()  # (n,), 0 = no gradient
-        total_sq = total_sq + weighted_sumsq([g.data for g in gts], si * si)
+        fp8_sq = weighted_sumsq([g.data for g in gts], si * si)
         bad = bad | ~torch.isfinite(torch.cat([_fp8_grad_amax(p).reshape(1) for p in fp8_ps])).all()
+    if reduce_fp8_sq is not None:
+        reduce_fp8_sq(fp8_sq)
+    total_sq = total_sq + fp8_sq
     total_norm = total_sq.sqrt().float()
     found_inf = bad | ~torch.isfinite(total_norm)
     if max_norm is None:

@@ -442,12 +442,14 @@ def test_fp8_tensor_quantize_dequantize():
     assert sqnr(x, t.dequantize()) >= SQNR_CAST_E4M3
 
 
-def test_torch_compile_traces_fp8_linear_without_graph_breaks():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_traces_fp8_linear_without_graph_breaks(backend):
+    torch._dynamo.reset()
     m = nn.Sequential(fp8.FP8Linear(64, 128, device=DEV), nn.GELU(), fp8.FP8Linear(128, 64, device=DEV))
     x = torch.randn(8, 64, device=DEV)
     m(x).sum().backward()  # primes the metas eagerly
     fp8.zero_fp8_grads(m)
-    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break is an error
+    compiled = torch.compile(m, backend=backend, fullgraph=True)  # fullgraph: a graph break is an error
     y = compiled(x)
     y.sum().backward()
     g_compiled = fp8.fp8_grad(m[0].weight).dequantize().clone()

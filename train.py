@@ -10,10 +10,14 @@ train.py: train a GPT at an FP8 level, on one device or many (torchrun DDP), wit
 Flags are the fields of TrainConfig (`--name=value`; booleans 0/1/true/false); a preset fills in
 the model and batch settings that no flag gives. Levels (DESIGN.md, FP8-LM arXiv 2310.18313 sec. 2):
 0 = BF16 autocast, FP32 weights and Adam states; 1 = FP8 GEMMs in every Linear but the LM head,
-FP16 weights updated in place, FP8 weight gradients, FP32 Adam states.
+FP16 weights updated in place, FP8 weight gradients, FP32 Adam states; 2 = as 1 with FP8 m1 + FP16 m2;
+3 = as 2, FP8 ZeRO: each FP8 weight owned whole by one rank (states, FP16 master), FP8 weights all-gathered.
+Under torchrun the FP8 weight gradients go through comm.py's auto-scaled FP8 all-reduce (FP8Comm), the
+rest through DDP.
 """
 import argparse
 import contextlib
+import io
 import json
 import math
 import os
@@ -29,11 +33,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import comm
 import fp8
 import model as M
 import optim
 
-HIGHEST_LEVEL = 2  # the highest --fp8_level that exists; level 3 (FP8 ZeRO) comes with comm.py's wiring
+HIGHEST_LEVEL = 2  # --fp8_level=-1 means this; level 3 (FP8 ZeRO) is opt-in: it pays only on several ranks
 PEAK_FLOPS = {"H100": {"bf16": 989e12, "fp8": 1979e12},  # dense tensor-core peaks, SXM datasheets
               "H200": {"bf16": 989e12, "fp8": 1979e12}}
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -44,7 +49,7 @@ class TrainConfig:
     # what to train
     preset: str = ""  # tiny | gpt2-124m | gpt2-350m | gpt-1.3b; "" = gpt2-124m on a GPU, tiny on CPU
     arch: str = ""  # gpt2 | llama; "" = gpt2
-    fp8_level: int = -1  # 0..3; -1 = the highest level that exists
+    fp8_level: int = -1  # 0..3; -1 = HIGHEST_LEVEL
     n_layer: int = 0  # model size overrides; 0 = the preset's
     n_head: int = 0
     n_embd: int = 0
@@ -70,6 +75,7 @@ class TrainConfig:
     eval_iters: int = 0
     resume: bool = False
     compile: bool = False
+    cuda_graph: bool = False  # capture the whole training step in a CUDA graph (one GPU)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 1337
     sample: bool = False  # generate from out_dir's checkpoint instead of training
@@ -77,9 +83,10 @@ class TrainConfig:
     prompt: str = "\n"
 
     def __post_init__(self):
-        if self.fp8_level == 3:
-            raise ValueError("--fp8_level=3 (FP8 ZeRO) is not implemented yet; use --fp8_level=0, 1 or 2")
-        if self.fp8_level not in (-1, 0, 1, 2):
+        if self.fp8_level == 3 and self.compile:  # a compiled forward recasts FP8 weights from FP16 ones
+            raise ValueError("--compile=1 is not supported at --fp8_level=3 (ranks hold only the FP8 copy of the "
+                             "weights they do not own); use --compile=0 or --fp8_level=2")
+        if self.fp8_level not in (-1, 0, 1, 2, 3):
             raise ValueError(f"--fp8_level must be 0..3 (or -1 = highest), got {self.fp8_level}")
         if self.preset and self.preset not in M.PRESETS:
             raise ValueError(f"--preset must be one of {list(M.PRESETS)}, got {self.preset!r}")
@@ -215,19 +222,64 @@ def frozen_scaling(model):
             m.primed, m.numel = primed, numel
 
 
-def allreduce_fp8_grads(model, world: int) -> None:
-    """Interim DDP path for FP8 weight grads: dequantize, all-reduce in FP32, average, requantize.
-    comm.py replaces it with the auto-scaled FP8 all-reduce (1 byte per element on the wire)."""
-    mods = [m for m in model.modules() if isinstance(m, fp8.FP8Linear)]
-    flat = torch.cat([fp8.fp8_grad(m.weight).dequantize().view(-1) for m in mods])
-    dist.all_reduce(flat)
-    flat /= world
-    for m, g in zip(mods, flat.split([m.weight.numel() for m in mods])):
-        g = g.view_as(m.weight)
-        q = fp8.FP8Tensor.quantize(g)
-        m.weight_grad_fp8.copy_(q.data)
-        m.weight_grad_scale_inv.copy_(q.scale_inv)
-        m.weight_grad_amax.copy_(g.abs().amax().reshape(1))
+class FP8Comm:
+    """Communication of the FP8 linear weights, whose grads live in FP8 buffers that DDP ignores (comm.py).
+    Levels 1-2: auto-scaled FP8 all-reduce of the grads. Level 3 (FP8 ZeRO, FP8-LM sec. 2.3): every FP8
+    weight is owned whole by one rank (greedy); its grad is reduced to the owner, which alone keeps its
+    FP16 master and Adam states and steps it; one FP8 all-gather then gives every rank every FP8 weight.
+    Non-owners drop the FP16 weight (a zero-stride placeholder: shape and numel kept, 0 bytes)."""
+
+    def __init__(self, model, level: int, rank: int, world: int):
+        self.mods = [m for m in model.modules() if isinstance(m, fp8.FP8Linear)]
+        self.rank, self.world = rank, world
+        self.reducer = comm.FP8AllReduce(world)
+        self.part = comm.Fp8ZeroPartition([m.weight.numel() for m in self.mods], world) if level == 3 else None
+        self.mine = [self.part is None or self.part.owners[i] == rank for i in range(len(self.mods))]
+        self._owned = {id(m.weight) for m, mine in zip(self.mods, self.mine) if mine}
+
+    def owns(self, p) -> bool:
+        """This rank keeps p's optimizer state and steps it (every param below level 3)."""
+        return not fp8.is_fp8_param(p) or id(p) in self._owned
+
+    def reduce(self) -> torch.Tensor:
+        """Mean over ranks of the FP8 weight grads (level 3: on their owners only), in place; returns
+        found_inf (1,) float32, the same on every rank (any rank's NaN/Inf makes all of them skip)."""
+        if self.world == 1:
+            return torch.zeros(1, device=self.mods[0].weight_grad_amax.device)
+        grads = [fp8.fp8_grad(m.weight) for m in self.mods]
+        amaxes = [m.weight_grad_amax for m in self.mods]  # from the wgrad GEMM's epilogue: no extra read
+        if self.part is None:
+            return self.reducer(grads, amaxes)
+        return self.reducer.reduce_to_owners(grads, self.part, amaxes)
+
+    @torch.no_grad()
+    def gather_weights(self) -> None:
+        """Level 3, after the owners' step and update_scaling: owners cast their new FP16 weights to FP8,
+        one FP8 all-gather (1 B per element + 4 B per tensor) brings every FP8 weight and scale to all."""
+        if self.world == 1:
+            return  # the one rank owns everything: fp8_weight() recasts on the next forward
+        for m, mine in zip(self.mods, self.mine):
+            if mine:
+                m.fp8_weight()  # the cast of the new weight (the step left the cached copy stale)
+        self.part.all_gather_weights([fp8.FP8Tensor(m.weight_fp8, m.weight_scale_inv) for m in self.mods],
+                                     self.rank)
+        for m, mine in zip(self.mods, self.mine):
+            if not mine:  # (K, N) copy for dgrad, as cast_weight makes it; uint8: CPU transposes of FP8
+                m._weight_fp8_t = m.weight_fp8.view(torch.uint8).t().contiguous().view(m.weight_fp8.dtype)
+
+    @torch.no_grad()
+    def shard_weights(self) -> None:
+        """Level 3 start (after any resume): share the FP8 weights, then drop the FP16 weights not owned."""
+        self.gather_weights()
+        for m, mine in zip(self.mods, self.mine):
+            if not mine:
+                m.weight.data = torch.zeros((), dtype=m.weight.dtype, device=m.weight.device).expand(m.weight.shape)
+
+
+def fp8_comm_mu(model):
+    """The FP8 all-reduce's auto-scaling factor mu of the last step (None without one); for the log."""
+    fc = model.__dict__.get("fp8_comm")
+    return fc.reducer.mu.item() if fc is not None and fc.reducer.mu is not None else None
 
 
 def allreduce_amax(model) -> None:
@@ -244,16 +296,18 @@ def allreduce_amax(model) -> None:
 # optimizer
 
 
-def make_optimizer(model, cfg: TrainConfig, device: str):
+def make_optimizer(model, cfg: TrainConfig, device: str, owns=None):
     """AdamW; weight decay on matrices only (nanoGPT). Level 0: torch's fused AdamW; levels 1-2: FP8AdamW
-    (level 1: FP32 moments; level 2: FP8 m1 + FP16 m2, each with a per-tensor scale)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    (level 1: FP32 moments; level 2: FP8 m1 + FP16 m2, each with a per-tensor scale); level 3: as 2, over
+    the params this rank owns (owns(p): FP8Comm.owns)."""
+    params = [p for p in model.parameters() if p.requires_grad and (owns is None or owns(p))]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     if cfg.fp8_level == 0:
-        return torch.optim.AdamW(groups, fused=True, **kw)
-    return optim.FP8AdamW(groups, weight_decay=cfg.weight_decay, **optim.LEVEL_DTYPES[cfg.fp8_level], **kw)
+        return torch.optim.AdamW(groups, fused=True, capturable=cfg.cuda_graph, **kw)  # capturable: graphs
+    dtypes = optim.LEVEL_DTYPES[min(cfg.fp8_level, 2)]  # level 3 keeps level 2's states, on the owners
+    return optim.FP8AdamW(groups, weight_decay=cfg.weight_decay, **dtypes, **kw)
 
 
 def clip_and_check(opt, params, cfg: TrainConfig):
@@ -261,16 +315,64 @@ def clip_and_check(opt, params, cfg: TrainConfig):
     if cfg.fp8_level == 0:
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"), foreach=True)  # in place
         return None, ~torch.isfinite(norm), norm
-    return optim.clip_and_check(params, cfg.grad_clip or None)  # FP8 grads: the clip is applied in step()
+    reduce_sq = None
+    if cfg.fp8_level == 3:  # a rank holds the reduced grads of its own FP8 weights only (the others: DDP)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        reduce_sq = dist.all_reduce if dist.is_initialized() and dist.get_world_size() > 1 else None
+    return optim.clip_and_check(params, cfg.grad_clip or None, reduce_sq)  # FP8: the clip is applied in step()
 
 
 # ----------------------------------------------------------------------------------------------
 # checkpoints: written atomically (temp file + rename), so the last good one survives a crash
 
 
+def full_state(model, opt):
+    """Level 3 (every rank calls it): the whole model and optimizer state on rank 0, the optimizer's keyed
+    by parameter name, so that it loads at any world size (local_opt_state); (None, None) elsewhere.
+    Each rank sends the FP16 weights and states of the FP8 weights it owns; the rest is rank 0's copy."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    names = {p: n for n, p in model.named_parameters()}
+    cpu = lambda t: t.detach().cpu().clone() if torch.is_tensor(t) else t  # noqa: E731
+    mine = {names[p]: ({k: cpu(v) for k, v in st.items()}, cpu(p) if fp8.is_fp8_param(p) else None)
+            for p, st in opt.state.items() if rank == 0 or fp8.is_fp8_param(p)}
+    parts = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:  # torch.save bytes: pickled FP8 storages fail
+        buf, parts = io.BytesIO(), [None] * dist.get_world_size() if rank == 0 else None
+        torch.save(mine, buf)
+        dist.gather_object(buf.getvalue(), parts, dst=0)
+        parts = [torch.load(io.BytesIO(b), weights_only=True) for b in parts] if rank == 0 else None
+    if rank != 0:
+        return None, None
+    model_sd, state = model.state_dict(), {}
+    for part in parts:
+        for name, (st, weight) in part.items():
+            state[name] = st
+            if weight is not None:  # the owner's FP16 weight (other ranks hold a placeholder)
+                model_sd[name] = weight
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.state_dict()["param_groups"]]
+    return model_sd, dict(state=state, param_groups=groups)
+
+
+def local_opt_state(model, opt, full: dict) -> dict:
+    """This rank's slice of a full_state optimizer state, in this optimizer's own layout (state_dict)."""
+    names = {p: n for n, p in model.named_parameters()}
+    sd = opt.state_dict()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    ids = [i for g in sd["param_groups"] for i in g["params"]]
+    sd["state"] = {i: full["state"][names[p]] for p, i in zip(params, ids)}
+    for g, saved in zip(sd["param_groups"], full["param_groups"]):
+        g.update(saved)
+    return sd
+
+
 def save_checkpoint(path: str, model, opt, step: int, cfg: TrainConfig, n_skipped: int) -> None:
+    """Every rank calls it (level 3 gathers the owners' states); rank 0 writes."""
+    model_sd, opt_sd = full_state(model, opt) if cfg.fp8_level == 3 else (None, None)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
     rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-    ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step, data_step=step, rng=rng,
+    ckpt = dict(model=model_sd or model.state_dict(), optimizer=opt_sd or opt.state_dict(), step=step,
+                data_step=step, rng=rng,
                 config=asdict(cfg), model_config=asdict(model.config), fp8_level=cfg.fp8_level, n_skipped=n_skipped)
     tmp = path + ".tmp"
     torch.save(ckpt, tmp)
@@ -285,7 +387,7 @@ def load_checkpoint(path: str, model, opt, cfg: TrainConfig, device: str) -> dic
                          f"fp8_level={cfg.fp8_level} model {asdict(model.config)}: pass the flags of that run "
                          f"or another --out_dir")
     model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
+    opt.load_state_dict(local_opt_state(model, opt, ckpt["optimizer"]) if cfg.fp8_level == 3 else ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
     if ckpt["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
@@ -297,19 +399,16 @@ def load_checkpoint(path: str, model, opt, cfg: TrainConfig, device: str) -> dic
 
 
 def setup(cfg_flags: dict):
-    """torchrun env -> process group (nccl on CUDA, gloo on CPU); returns (cfg, rank, world, device)."""
+    """torchrun env -> process group (comm.setup: nccl on CUDA, gloo on CPU, a timeout so that a dead rank
+    ends the others with an error); returns (cfg, rank, world, device)."""
     want = cfg_flags.get("device", "auto")
     cuda = torch.cuda.is_available() if want == "auto" else want == "cuda"
     if cuda and not torch.cuda.is_available():
         raise ValueError("--device=cuda but no CUDA device is visible; use --device=cpu")
-    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    device = f"cuda:{local}" if cuda else "cpu"
-    cfg = resolve(cfg_flags, device)  # user errors surface before any process group exists
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return cfg, rank, world, device
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    cfg = resolve(cfg_flags, f"cuda:{local}" if cuda else "cpu")  # user errors surface before any process group
+    env = comm.setup("cuda" if cuda else "cpu")
+    return cfg, env.rank, env.world_size, str(env.device)
 
 
 @torch.no_grad()
@@ -383,7 +482,7 @@ class Logger:
         lr = f"{r['lr']:.1e}".replace("e-0", "e-")  # 6.0e-4
         self(dict(type="step", **r),
              f"step {r['step']} | loss {r['loss']:.4f} | lr {lr} | {r['ms']:.0f} ms | {rate} tok/s | mfu {mfu} | "
-             f"mem {r['mem_gb']:.1f} GB | sat {r['sat']:.2f}%"
+             f"mem {r['mem_gb']:.1f} GB | sat {r['sat']:.2f}%" + (f" | mu {r['mu']:g}" if r.get("mu") else "")
              + (f" | SKIPPED (non-finite, {r['n_skipped']} so far)" if r["skipped"] else ""))
 
 
@@ -416,22 +515,75 @@ def train_step(model, raw, opt, params, xs, ys, cfg: TrainConfig, world: int, de
                 loss = model(xs[micro], ys[micro])[1] / accum
             loss.backward()
         loss_sum += loss.detach()
+    fc = raw.__dict__.get("fp8_comm")  # FP8 weight grads (DDP ignores them): FP8Comm, set by build
+    comm_inf = fc.reduce() if fc is not None else None
     if world > 1:
         if cfg.fp8_level >= 1:
-            allreduce_fp8_grads(raw, world)  # DDP ignores the FP8 weights (see train)
             allreduce_amax(raw)
         dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
     grad_scale, found_inf, norm = clip_and_check(opt, params, cfg)
     found_inf = found_inf | ~torch.isfinite(loss_sum)  # non-finite: the step is skipped on device
+    if comm_inf is not None:  # any rank's non-finite FP8 grad: every rank skips
+        found_inf = found_inf | (comm_inf.reshape(()) > 0)
     if cfg.fp8_level == 0:
         opt.found_inf = found_inf.float()  # fused AdamW leaves weights and states untouched
         opt.step()
     else:
         opt.step(grad_scale=grad_scale, found_inf=found_inf)
     fp8.update_scaling(raw)  # once per optimizer step, after the last backward
+    if fc is not None and fc.part is not None:
+        fc.gather_weights()  # level 3: the owners' new FP8 weights to every rank
     opt.zero_grad(set_to_none=True)
     fp8.zero_fp8_grads(raw)
     return loss_sum, found_inf, norm
+
+
+def use_cuda_graph(cfg: TrainConfig, world: int, device: str) -> bool:
+    """CUDA graphs for single-GPU runs when --cuda_graph=1 (multi-rank steps stay eager: collectives)."""
+    if cfg.cuda_graph and not device.startswith("cuda"):
+        raise ValueError("--cuda_graph=1 needs a CUDA device; use --cuda_graph=0 on CPU")
+    return bool(cfg.cuda_graph) and world == 1
+
+
+class GraphedStep:
+    """train_step captured once in a CUDA graph and replayed every step. FP8 adds ~10 small kernels per
+    linear layer and Triton launches cost tens of microseconds of Python each, so an eager FP8 step is
+    bound by the host below ~1B parameters; a replay costs one launch. Static batch buffers and a
+    device-side LR; the first `warmup` steps run eagerly on a side stream (autotuning, compilation,
+    scale priming, optimizer state), then one capture whose replay performs the step."""
+
+    def __init__(self, model, raw, opt, params, cfg: TrainConfig, device: str, warmup: int = 2):
+        self.args, self.cfg, self.device, self.warmup = (model, raw, opt, params), cfg, device, warmup
+        self.lr = torch.zeros((), device=device)
+        for group in opt.param_groups:
+            group["lr"] = self.lr  # read on device by the optimizer: the graph sees each step's LR
+        self.metas = [m for m in raw.modules() if isinstance(m, fp8.ScalingMeta)]
+        self.graph, self.n_eager, self.stream = None, 0, torch.cuda.Stream()
+
+    def __call__(self, xs, ys, lr: float):
+        self.lr.fill_(lr)
+        model, raw, opt, params = self.args
+        if self.graph is None and self.n_eager < self.warmup:
+            self.n_eager += 1
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                out = train_step(model, raw, opt, params, xs, ys, self.cfg, 1, self.device)
+            torch.cuda.current_stream().wait_stream(self.stream)
+            return out
+        if self.graph is None:
+            self.xs, self.ys = xs.clone(), ys.clone()
+            numel0 = [m.numel for m in self.metas]
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records only: the replay below runs this step
+                self.out = train_step(model, raw, opt, params, self.xs, self.ys, self.cfg, 1, self.device)
+            self.numel = [m.numel - n for m, n in zip(self.metas, numel0)]  # host counters of one step
+        else:
+            self.xs.copy_(xs, non_blocking=True)
+            self.ys.copy_(ys, non_blocking=True)
+            for m, n in zip(self.metas, self.numel):
+                m.numel += n
+        self.graph.replay()
+        return self.out
 
 
 def build(cfg: TrainConfig, world: int, device: str, ckpt_path: str):
@@ -439,7 +591,9 @@ def build(cfg: TrainConfig, world: int, device: str, ckpt_path: str):
     wrappers: (raw model, model to call, optimizer, first step, skipped steps so far)."""
     torch.manual_seed(cfg.seed)
     raw = fp8.convert_to_fp8(M.GPT(model_config(cfg)).to(device), cfg.fp8_level)
-    opt = make_optimizer(raw, cfg, device)
+    rank = dist.get_rank() if world > 1 else 0
+    fc = FP8Comm(raw, cfg.fp8_level, rank, world) if cfg.fp8_level == 3 or (cfg.fp8_level and world > 1) else None
+    opt = make_optimizer(raw, cfg, device, owns=fc.owns if fc is not None else None)
     start, n_skipped = 0, 0
     if cfg.resume:
         if not os.path.exists(ckpt_path):
@@ -448,9 +602,13 @@ def build(cfg: TrainConfig, world: int, device: str, ckpt_path: str):
         start, n_skipped = ck["step"], ck["n_skipped"]
     model = raw
     if world > 1:
-        if cfg.fp8_level >= 1:  # their grads live in FP8 buffers, not .grad: reduced by allreduce_fp8_grads
+        if cfg.fp8_level >= 1:  # their grads live in FP8 buffers, not .grad: reduced by FP8Comm
             DDP._set_params_and_buffers_to_ignore_for_model(raw, [n for n, p in raw.named_parameters() if fp8.is_fp8_param(p)])
         model = DDP(raw, device_ids=[device] if device.startswith("cuda") else None, broadcast_buffers=False)
+    if fc is not None:
+        raw.fp8_comm = fc  # train_step finds it here
+        if fc.part is not None:
+            fc.shard_weights()  # level 3: after DDP's initial broadcast and any resume
     if cfg.compile:
         model = torch.compile(model)
     return raw, model, opt, start, n_skipped
@@ -480,19 +638,23 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device: str = "cpu") 
         f"batch {total} tokens = {cfg.batch_size} x {cfg.block_size} x {accum} accum x {world} ranks | "
         f"steps {start}..{cfg.max_steps}")
     peak, fpt = peak_flops(device, cfg.fp8_level), raw.flops_per_token(cfg.block_size)
+    graphed = GraphedStep(model, raw, opt, params, cfg, device) if use_cuda_graph(cfg, world, device) else None
     for step in range(start, cfg.max_steps + 1):
         if (step % max(cfg.eval_interval, 1) == 0 or step == cfg.max_steps) and not (cfg.resume and step == start):
             val_losses[step] = evaluate(raw, val, cfg, rank, world, device)
             log(dict(type="eval", step=step, val_loss=val_losses[step]), f"step {step} | val loss {val_losses[step]:.4f}")
-            if master and step > 0:
+            if step > 0:  # every rank: level 3 gathers the owners' states; rank 0 writes
                 save_checkpoint(ckpt_path, raw, opt, step, cfg, n_skipped)
         if step == cfg.max_steps:
             break
         t0 = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
         xs, ys = fetch_batches(data, step, cfg, accum, rank, world, device)
-        loss, found_inf, norm = train_step(model, raw, opt, params, xs, ys, cfg, world, device)
+        if graphed is not None:
+            loss, found_inf, norm = graphed(xs, ys, lr_at(step, cfg))
+        else:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            loss, found_inf, norm = train_step(model, raw, opt, params, xs, ys, cfg, world, device)
         loss_v, skipped, norm_v = torch.stack([loss.float(), found_inf.float().reshape(()), norm.float()]).tolist()
         dt = time.perf_counter() - t0  # the .tolist() above waited for the step to finish
         losses[step], n_skipped = loss_v, n_skipped + int(skipped)
@@ -500,7 +662,7 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device: str = "cpu") 
         mfu = fpt * total / dt / (peak * world) if peak else None
         log.step(step=step, loss=loss_v, lr=lr_at(step, cfg), ms=1e3 * dt, tok_s=total / dt, mfu=mfu,
                  mem_gb=peak_mem_gb(device), sat=read_saturation(raw), grad_norm=norm_v, skipped=bool(skipped),
-                 n_skipped=n_skipped)
+                 n_skipped=n_skipped, mu=fp8_comm_mu(raw))
         if consecutive >= cfg.max_skips:
             raise Diverged(f"{consecutive} consecutive steps with non-finite loss or gradients: stopping at step "
                            f"{step}. The last good checkpoint is {ckpt_path if os.path.exists(ckpt_path) else 'none'}")
@@ -531,12 +693,14 @@ def main(argv=None):
     world = 1
     try:
         cfg, rank, world, device = setup(flags)
-        return sample(cfg, device) if cfg.sample else train(cfg, rank, world, device)
+        out = sample(cfg, device) if cfg.sample else train(cfg, rank, world, device)
+        if world > 1:
+            dist.barrier()  # all done before any rank leaves: gloo aborts a rank whose peer tore down first
+        return out
     except (ValueError, Diverged) as e:
         raise SystemExit(f"error: {e}")
     finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        comm.teardown()
 
 
 if __name__ == "__main__":
