@@ -153,7 +153,7 @@ STEP_SHAPES = {"124m": ("gpt2-124m", 16, 1024), "350m": ("gpt2-350m", 16, 1024),
 STEP_VARIANTS = [("bf16 (level 0)", 0), ("fp8 level 1", 1), ("fp8 level 2", 2)]
 
 
-def _time_step(preset, B, T, level, compile_, graph, steps):
+def _time_step(preset, B, T, level, compile_, graph, steps, profile=False):
     """Build exactly what train.py builds, time its training step on fixed random tokens."""
     import train as TR
     torch.manual_seed(0)
@@ -186,11 +186,34 @@ def _time_step(preset, B, T, level, compile_, graph, steps):
         t1.synchronize()
         times.append(t0.elapsed_time(t1))
     ms = sorted(times)[len(times) // 2]
+    if profile:  # where the GPU time goes: kernels by total CUDA time over 3 steps
+        from torch.profiler import ProfilerActivity, profile as prof_ctx
+        with prof_ctx(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(3):
+                step(100 + i)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
     r = {"ms": ms, "tok_s": B * T / ms * 1e3, "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
          "loss": loss.item(), "mfu": raw.flops_per_token(T) * B * T / (ms / 1e3) / TR.peak_flops("cuda", level)}
     del raw, model, opt, params, stepper
     torch.cuda.empty_cache()
     return r
+
+
+def _time_step_isolated(preset, B, T, level, compile_, graph, steps, profile=False) -> dict:
+    """_time_step in a fresh process: a failed CUDA-graph capture poisons the CUDA context it ran in."""
+    import subprocess
+    cmd = [sys.executable, __file__, "_step1", "--presets", preset, "--steps", str(steps),
+           "--one", f"{B},{T},{level},{int(compile_)},{int(graph)},{int(profile)}"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    lines = res.stdout.strip().splitlines()
+    last = lines[-1] if lines else ""
+    if profile:
+        print("\n".join(lines[:-1]))
+    if res.returncode != 0 or not last.startswith("{"):
+        err = (res.stderr.strip().splitlines() or ["?"])[-1]
+        raise RuntimeError(err[:200])
+    return json.loads(last)
 
 
 def bench_step(args) -> dict:
@@ -203,8 +226,10 @@ def bench_step(args) -> dict:
         for label, level in STEP_VARIANTS:
             for compile_, graph in ((True, True), (False, True)) if level == 0 else ((False, True), (True, True)):
                 tag = f"{label}{' +compile' if compile_ else ''}{' +graph' if graph else ''}"
+                if args.variants and not any(v in tag for v in args.variants.split(",")):
+                    continue
                 try:
-                    r = _time_step(preset, B, T, level, compile_, graph, args.steps)
+                    r = _time_step_isolated(preset, B, T, level, compile_, graph, args.steps, args.profile)
                 except Exception as e:  # one failing variant must not hide the others
                     print(f"{name:<6} {tag:<26} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
                     torch.cuda.empty_cache()
@@ -221,18 +246,29 @@ def bench_step(args) -> dict:
     return out
 
 
-SUBCOMMANDS = {"gemm": bench_gemm, "cast": bench_cast, "linear": bench_linear, "step": bench_step}
+def _step1(args):
+    B, T, level, compile_, graph, profile = (int(v) for v in args.one.split(","))
+    print(json.dumps(_time_step(args.presets[0], B, T, level, bool(compile_), bool(graph), args.steps, bool(profile))))
+    sys.exit(0)
+
+
+SUBCOMMANDS = {"gemm": bench_gemm, "cast": bench_cast, "linear": bench_linear, "step": bench_step, "_step1": _step1}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="+", choices=sorted(SUBCOMMANDS))
     p.add_argument("--json", default=None, help="also append the JSON results to this file")
-    p.add_argument("--presets", nargs="+", default=["124m"], choices=sorted(STEP_SHAPES), help="for step")
+    p.add_argument("--presets", nargs="+", default=["124m"], help=f"for step: {sorted(STEP_SHAPES)}")
+    p.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: one step variant
+    p.add_argument("--profile", type=int, default=0, help="step: also print the top CUDA kernels per variant")
+    p.add_argument("--variants", default="", help="step: only variants whose label contains this")
     p.add_argument("--steps", type=int, default=30, help="timed steps per variant (step)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench.py measures GPU speed: no CUDA device found")
+    if args.what == ["_step1"]:
+        _step1(args)
     result = {"header": header()}
     for what in args.what:
         print(f"\n## {what}")

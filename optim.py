@@ -159,6 +159,9 @@ def pointer_table(cols: list, has_grad: list, block: int):
     # numels too: a freed tensor's address is soon reused (CUDA caching allocator) by one of another size
     key = (tuple(t.data_ptr() for c in cols for t in c), tuple(t.numel() for t in cols[0]), tuple(has_grad), block)
     if key not in _TABLES:
+        if cols[0][0].is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("fused Adam: tensors moved during CUDA-graph capture (were grads set to None?); "
+                               "keep them allocated: zero_grad(set_to_none=False)")
         rows, block_map, first = [], [], 0
         for i, w in enumerate(cols[0]):
             for c in cols:

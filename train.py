@@ -533,7 +533,9 @@ def train_step(model, raw, opt, params, xs, ys, cfg: TrainConfig, world: int, de
     fp8.update_scaling(raw)  # once per optimizer step, after the last backward
     if fc is not None and fc.part is not None:
         fc.gather_weights()  # level 3: the owners' new FP8 weights to every rank
-    opt.zero_grad(set_to_none=True)
+    # CUDA graphs: grads keep their addresses (allocated by the eager warm-up steps), so the optimizer's
+    # pointer tables are built before capture and a replay writes where the captured kernels read
+    opt.zero_grad(set_to_none=not cfg.cuda_graph)
     fp8.zero_fp8_grads(raw)
     return loss_sum, found_inf, norm
 
