@@ -5,18 +5,32 @@ bench.py: speed of the nanoFP8 pieces against BF16 and peers, side by side in on
   python bench.py cast      fused amax+scale+cast(+transpose) vs eager torch / torch.compile vs copy bandwidth
   python bench.py linear    FP8Linear fwd+bwd (3 FP8 GEMMs, casts, FP8 weight grad) vs BF16 nn.Linear
   python bench.py step --presets 124m 1.3b   train.py's whole training step per level vs BF16 (compiled)
+  python bench.py optim memory               FP8AdamW step vs torch AdamW(fused); bytes/param per level
+  torchrun --standalone --nproc_per_node=2 bench.py comm   FP8 all-reduce vs NCCL BF16/FP32
 
 Each prints a header (GPU, versions), a fixed-width table, and one JSON line last (also written to
 --json FILE when given). Times are medians of triton.testing.do_bench (CUDA events).
 """
 import argparse
 import json
+import os
+import statistics
 import sys
+import time
 
-import torch
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off on the lent H200s (see comm)
 
-import kernels
-from kernels import E4M3
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import triton  # noqa: E402
+
+import comm  # noqa: E402
+import fp8  # noqa: E402
+import kernels  # noqa: E402
+import optim  # noqa: E402
+from fp8 import FP8Tensor  # noqa: E402
+from kernels import E4M3  # noqa: E402
 
 GEMM_SHAPES = [(8192, 8192, 8192)] + [(16384, n, k) for n, k in [
     (768, 3072), (3072, 768), (2304, 768), (8192, 2048), (2048, 8192), (6144, 2048), (16384, 4096), (4096, 16384)]]
@@ -252,7 +266,290 @@ def _step1(args):
     sys.exit(0)
 
 
-SUBCOMMANDS = {"gemm": bench_gemm, "cast": bench_cast, "linear": bench_linear, "step": bench_step, "_step1": _step1}
+# ----------------------------------------------------------------------------------------------
+# optimizer step and memory (issue 4)
+
+SHAPES = {"124M": dict(n_layer=12, n_embd=768, vocab=50304, ctx=1024),
+          "1.3B": dict(n_layer=24, n_embd=2048, vocab=50304, ctx=2048)}
+
+
+def optim_param_set(name: str, level: int, device: str = "cuda") -> tuple:
+    """-> (linears, others): the model's linear layers (FP8Linear at level >= 1) and its other params."""
+    cfg = SHAPES[name]
+    C = cfg["n_embd"]
+    lin_cls = (lambda i, o: nn.Linear(i, o, device=device)) if level == 0 else \
+        (lambda i, o: fp8.FP8Linear(i, o, device=device))
+    linears = []
+    for _ in range(cfg["n_layer"]):
+        linears += [lin_cls(C, 3 * C), lin_cls(C, C), lin_cls(C, 4 * C), lin_cls(4 * C, C)]  # qkv, proj, fc, proj
+    others = [nn.Parameter(torch.randn(cfg["vocab"], C, device=device) * 0.02),  # wte (tied head)
+              nn.Parameter(torch.randn(cfg["ctx"], C, device=device) * 0.02)]  # wpe
+    others += [nn.Parameter(torch.ones(C, device=device)) for _ in range(4 * cfg["n_layer"] + 2)]  # ln w, b
+    return linears, others
+
+
+def fill_grads(linears: list, others: list) -> None:
+    for m in linears:
+        g = torch.randn_like(m.weight, dtype=torch.float32) * 1e-3
+        if fp8.is_fp8_param(m.weight):
+            q = fp8.FP8Tensor.quantize(g)
+            m.weight_grad_fp8.copy_(q.data)
+            m.weight_grad_scale_inv.copy_(q.scale_inv)
+        else:
+            m.weight.grad = g
+        m.bias.grad = torch.randn_like(m.bias) * 1e-3
+    for p in others:
+        p.grad = torch.randn_like(p) * 1e-3
+
+
+def split_params(linears: list, others: list) -> tuple:
+    w = [m.weight for m in linears]
+    rest = [m.bias for m in linears] + others
+    return w, rest
+
+
+def step_bytes(level: int, n_lin: int, n_rest: int) -> int:
+    """Bytes one step must read + write. FP8 weights (level 2): grad 1 + w 2+2 + m1 1+1 + m2 2+2 = 11;
+    level 1: 1 + 2+2 + 4+4 + 4+4 = 21; FP32 params (and level 0): g 4 + w 4+4 + m1 4+4 + m2 4+4 = 28."""
+    per_lin = {0: 28, 1: 21, 2: 11}[level]
+    return per_lin * n_lin + 28 * n_rest
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(2 ** 28, dtype=torch.float32, device="cuda")  # 1 GiB
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=10, rep=200)
+    return 2 * x.numel() * 4 / ms / 1e6  # GB/s (read + write)
+
+
+def bench_optim(args) -> dict:
+    """Step time (median ms) and achieved GB/s: FP8AdamW at levels 1/2 (full step and the fused kernel
+    alone, over block sizes) vs torch.optim.AdamW(fused=True) on FP32 copies of the same shapes."""
+    rows, copy_bw = [], copy_bandwidth()
+    for name in args.sizes:
+        for level in (0, 1, 2):
+            linears, others = optim_param_set(name, level)
+            w, rest = split_params(linears, others)
+            n_lin, n_rest = sum(p.numel() for p in w), sum(p.numel() for p in rest)
+            fill_grads(linears, others)
+            if level == 0:
+                opt = torch.optim.AdamW(w + rest, lr=1e-4, fused=True)
+                label = "torch AdamW(fused=True)"
+            else:
+                opt = optim.FP8AdamW(w + rest, lr=1e-4, **optim.LEVEL_DTYPES[level])
+                label = f"FP8AdamW level {level}"
+            opt.step()
+            ms = triton.testing.do_bench(opt.step, warmup=10, rep=200)
+            nbytes = step_bytes(level, n_lin, n_rest)
+            rows.append(dict(params=name, what=label, block=optim.ADAM_BLOCK if level else 0, ms=ms,
+                             GBps=nbytes / ms / 1e6, n=n_lin + n_rest))
+            if level:  # the FP8 bucket's kernel alone, over block sizes (prep ops excluded)
+                b = next(b for b in opt._buckets[0] if b.is_fp8)
+                gs, g_si, has = b.grads()
+                meta = torch.zeros(optim.N_META, len(b.params), device="cuda")
+                meta[optim.G_SI], meta[optim.ACTIVE], meta[optim.STEP_SIZE], meta[optim.BC2_SQRT] = g_si, 1, 1e-4, 1
+                for row in (optim.M1_SI, optim.M1_SCALE, optim.M1_SI_NEW, optim.M2_SI, optim.M2_SCALE, optim.M2_SI_NEW,
+                            optim.DECAY):
+                    meta[row] = 1
+                amax = torch.zeros(2, len(b.params), device="cuda")
+                hp = dict(beta1=0.9, one_minus_beta1=0.1, beta2=0.95, one_minus_beta2=0.05, eps=1e-8)
+                nb = step_bytes(level, n_lin, 0)
+                for block in args.blocks:
+                    fn = lambda: optim.fused_adam_step(b.params, gs, b._m1s, b._m2s, None, meta, amax, hp, block)  # noqa: E731
+                    fn()
+                    kms = triton.testing.do_bench(fn, warmup=10, rep=200)
+                    rows.append(dict(params=name, what=f"  fused kernel, FP8 weights only, level {level}", block=block,
+                                     ms=kms, GBps=nb / kms / 1e6, n=n_lin))
+            del opt, linears, others
+            torch.cuda.empty_cache()
+    print(f"{'params':<6} {'what':<44} {'block':>5} {'ms':>8} {'GB/s':>7} {'% copy':>6} {'Mparams':>8}")
+    for r in rows:
+        print(f"{r['params']:<6} {r['what']:<44} {r['block']:>5} {r['ms']:>8.3f} {r['GBps']:>7.0f} "
+              f"{100 * r['GBps'] / copy_bw:>6.1f} {r['n'] / 1e6:>8.1f}")
+    return dict(bench="optim", copy_GBps=copy_bw, rows=rows)
+
+
+def bench_memory(args) -> dict:
+    """Measured bytes/param (torch.cuda.memory_allocated deltas) of weights + grads + optimizer states,
+    for the linear weights alone (the FP8 part) and for all params, at levels 0, 1, 2."""
+    rows = []
+    for name in args.sizes:
+        for level in (0, 1, 2):
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            linears, others = optim_param_set(name, level)
+            w, rest = split_params(linears, others)
+            fill_grads(linears, others)
+            if level == 0:
+                opt = torch.optim.AdamW(w, lr=1e-4, fused=True)
+                opt.step()  # torch allocates its states lazily
+            else:
+                opt = optim.FP8AdamW(w, lr=1e-4, **optim.LEVEL_DTYPES[level])
+            lin_bytes = torch.cuda.memory_allocated() - base
+            # the rest (biases, norms, embeddings) in FP32 with FP32 states at every level
+            opt2 = torch.optim.AdamW(rest, lr=1e-4, fused=True) if level == 0 else optim.FP8AdamW(rest, lr=1e-4)
+            opt2.step()
+            all_bytes = torch.cuda.memory_allocated() - base
+            n_lin, n_all = sum(p.numel() for p in w), sum(p.numel() for p in w + rest)
+            # what is not params: FP8Linear biases and scaling metas count in the linear delta (tiny)
+            rows.append(dict(params=name, level=level, lin_B_per_param=lin_bytes / n_lin,
+                             all_B_per_param=all_bytes / n_all, n_lin=n_lin, n_all=n_all))
+            del opt, opt2, linears, others, w, rest
+    print(f"{'params':<6} {'level':>5} {'linear B/param':>14} {'all B/param':>11} {'linear M':>9} {'all M':>7}")
+    for r in rows:
+        print(f"{r['params']:<6} {r['level']:>5} {r['lin_B_per_param']:>14.2f} {r['all_B_per_param']:>11.2f} "
+              f"{r['n_lin'] / 1e6:>9.1f} {r['n_all'] / 1e6:>7.1f}")
+    return dict(bench="memory", rows=rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# gradient communication (issue 5): torchrun --standalone --nproc_per_node=2 bench.py comm
+
+SETS = {"tiny": (2, 256), "124m": (12, 768), "1.3b": (24, 2048)}  # name -> (n_layer, n_embd)
+VOCAB, BLOCK_SIZE = 50257, 1024
+VARIANTS = ("fp8", "fp8_graph", "fp8_torch", "wire", "nccl_bf16", "nccl_fp32")
+
+
+def grad_set(n_layer: int, C: int, device: torch.device, seed: int) -> list:
+    """What a level-1/2 backward leaves: FP8 E4M3 grads (+ scale_inv) for the linear weights, FP32
+    grads for embeddings, norms and biases. Gaussian values, a different draw per rank."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    shapes = [((VOCAB, C), False), ((BLOCK_SIZE, C), False)]  # wte, wpe
+    for _ in range(n_layer):
+        shapes += [((C,), False)] * 2 + [((3 * C, C), True), ((3 * C,), False), ((C, C), True), ((C,), False)]
+        shapes += [((C,), False)] * 2 + [((4 * C, C), True), ((4 * C,), False), ((C, 4 * C), True), ((C,), False)]
+    shapes += [((C,), False)] * 2  # ln_f
+    out = []
+    for shape, is_fp8 in shapes:
+        x = torch.randn(shape, device=device, generator=g) * 1e-3
+        out.append(FP8Tensor((x * 2 ** 17).clamp(-448, 448).to(E4M3), torch.full((1,), 2.0 ** -17, device=device))
+                   if is_fp8 else x)
+    return out
+
+
+class Timer:
+    """Median of per-rep times: CUDA events on the GPU, wall clock on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def time(self, fn, reps: int, warmup: int) -> list[float]:
+        for _ in range(warmup):
+            fn()
+        ts = []
+        for _ in range(reps):
+            if self.cuda:
+                torch.cuda.synchronize()
+            dist.barrier()
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                ts.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                ts.append((time.perf_counter() - t0) * 1e3)
+        return ts
+
+
+def bench_comm(args) -> list[dict]:
+    """Run the comm benchmark under torchrun; rank 0 prints the table and the JSON line; returns rows."""
+    env = comm.setup(device=args.device)
+    W, dev = env.world_size, env.device
+    timer, rows = Timer(dev), []
+    for name in args.sets.split(","):
+        n_layer, C = SETS[name]
+        grads = grad_set(n_layer, C, dev, seed=1000 + env.rank)
+        N = sum(g.data.numel() if isinstance(g, FP8Tensor) else g.numel() for g in grads)
+        ring = 2 * (W - 1) / W  # bytes a ring all-reduce sends per rank, per byte of buffer
+        for variant in args.variants.split(","):
+            for bucket_mb in (args.bucket_mb.split(",") if variant.startswith("fp8") or variant == "wire" else ["-"]):
+                try:
+                    fn, sent = make_case(variant, grads, N, W, dev, bucket_mb, ring)
+                    ts = timer.time(fn, args.reps, args.warmup)
+                except Exception as e:  # e.g. a graph capture this torch/NCCL refuses: report, go on
+                    if env.is_master:
+                        print(f"# {name} {variant} {bucket_mb}: {type(e).__name__}: {str(e)[:200]}")
+                    dist.barrier()
+                    continue
+                med = torch.tensor([statistics.median(ts), min(ts)], device=dev)
+                dist.all_reduce(med, op=dist.ReduceOp.MAX)  # the slowest rank's median
+                rows.append(dict(set=name, elements=N, variant=variant, bucket_mb=bucket_mb, median_ms=med[0].item(),
+                                 min_ms=med[1].item(), sent_bytes=int(sent), bytes_per_elem=sent / N / ring))
+                del fn
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+    if env.is_master:
+        report(rows, env, args)
+    dist.barrier()
+    comm.teardown()
+    return rows
+
+
+def make_case(variant: str, grads: list, N: int, W: int, dev: torch.device, bucket_mb: str, ring: float):
+    """(callable, bytes sent per rank) for one variant."""
+    if variant.startswith("fp8"):
+        backend = "torch" if variant == "fp8_torch" else "auto"
+        red = comm.FP8AllReduce(W, bucket_bytes=int(bucket_mb) << 20, backend=backend)
+        # FP8 grads come with their amax, as FP8Linear.weight_grad_amax gives it for free (no extra read)
+        amaxes = [g.dequantize().abs().amax() if isinstance(g, FP8Tensor) else None for g in grads]
+        red(grads, amaxes)  # builds the buckets and launch tables
+        P = sum(b.flat.numel() for b in red.buckets)
+        sent = 2 * (W - 1) / W * P + ring * 4 * (len(grads) + 1)  # a2a + all-gather + the amax all-reduce
+        if variant == "fp8_graph":  # the reduce is sync-free on static buffers: replay it as one CUDA graph
+            if dev.type != "cuda":
+                raise ValueError("fp8_graph needs CUDA")
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    red(grads, amaxes)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                red(grads, amaxes)
+            return graph.replay, sent
+        return (lambda: red(grads, amaxes)), sent
+    if variant == "wire":  # the same collectives on raw bytes, no compute: the floor of the FP8 path
+        bytes_ = int(bucket_mb) << 20
+        bufs = []
+        for k in range(0, N, bytes_):
+            n = comm.kernels.round_up(min(bytes_, N - k), W * comm.ALIGN)
+            bufs.append((torch.zeros(n, dtype=torch.uint8, device=dev), torch.empty(n, dtype=torch.uint8, device=dev),
+                         torch.empty(n // W, dtype=torch.uint8, device=dev)))
+
+        def wire():
+            ws = [dist.all_to_all_single(r, f, async_op=True) for f, r, _ in bufs]
+            ws += [comm._all_gather(f, s, async_op=True) for f, _, s in bufs]
+            for w in ws:
+                w.wait()
+        return wire, 2 * (W - 1) / W * sum(b[0].numel() for b in bufs)
+    dtype = {"nccl_bf16": torch.bfloat16, "nccl_fp32": torch.float32}[variant]
+    flat = torch.randn(N, device=dev).to(dtype)
+    return (lambda: dist.all_reduce(flat)), ring * N * flat.element_size()
+
+
+def report(rows: list[dict], env: comm.DistEnv, args) -> None:
+    gpu = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
+    nccl = ".".join(map(str, torch.cuda.nccl.version())) if env.device.type == "cuda" else "-"
+    print(f"# comm bench | {env.world_size} x {gpu} | torch {torch.__version__} | nccl {nccl} | "
+          f"NCCL_NVLS_ENABLE={os.environ.get('NCCL_NVLS_ENABLE')} | reps {args.reps} (median, max over ranks)")
+    print(f"{'set':>5} {'elements':>13} {'variant':>10} {'bucket':>6} {'median ms':>10} {'min ms':>8} "
+          f"{'x bf16':>7} {'sent MB':>9} {'B/elem':>7}")
+    for r in rows:
+        bf16 = [x["median_ms"] for x in rows if x["set"] == r["set"] and x["variant"] == "nccl_bf16"]
+        rel = f"{r['median_ms'] / bf16[0]:7.2f}" if bf16 else f"{'-':>7}"
+        print(f"{r['set']:>5} {r['elements']:>13,} {r['variant']:>10} {r['bucket_mb']:>6} {r['median_ms']:>10.3f} "
+              f"{r['min_ms']:>8.3f} {rel} {r['sent_bytes'] / 1e6:>9.1f} {r['bytes_per_elem']:>7.3f}")
+    print(json.dumps(dict(bench="comm", gpu=gpu, world_size=env.world_size, torch=torch.__version__, nccl=nccl,
+                          reps=args.reps, rows=rows)))
+
+
+SUBCOMMANDS = {"gemm": bench_gemm, "cast": bench_cast, "linear": bench_linear, "step": bench_step, "_step1": _step1,
+               "optim": bench_optim, "memory": bench_memory, "comm": bench_comm}
 
 
 def main(argv=None):
@@ -262,9 +559,20 @@ def main(argv=None):
     p.add_argument("--presets", nargs="+", default=["124m"], help=f"for step: {sorted(STEP_SHAPES)}")
     p.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: one step variant
     p.add_argument("--profile", type=int, default=0, help="step: also print the top CUDA kernels per variant")
-    p.add_argument("--variants", default="", help="step: only variants whose label contains this")
+    p.add_argument("--variants", default="", help="step: only variants whose label contains this; comm: a comma list")
+    p.add_argument("--sizes", nargs="+", default=list(SHAPES), choices=list(SHAPES), help="optim, memory")
+    p.add_argument("--blocks", nargs="+", type=int, default=[1024, 2048], help="optim: fused-kernel block sizes")
+    p.add_argument("--sets", default="124m,1.3b", help=f"comm: comma list of {list(SETS)}")
+    p.add_argument("--bucket_mb", default="64", help="comm: FP8 bucket sizes to sweep (MiB)")
+    p.add_argument("--reps", type=int, default=50, help="comm")
+    p.add_argument("--warmup", type=int, default=5, help="comm")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="comm")
     p.add_argument("--steps", type=int, default=30, help="timed steps per variant (step)")
     args = p.parse_args(argv)
+    if args.what == ["comm"]:  # under torchrun: every rank runs it, rank 0 prints
+        if not args.variants:
+            args.variants = ",".join(VARIANTS)
+        return bench_comm(args)
     if not torch.cuda.is_available():
         sys.exit("bench.py measures GPU speed: no CUDA device found")
     if args.what == ["_step1"]:

@@ -1,19 +1,38 @@
 """
 test_fp8.py: the nanoFP8 test suite, in the order a reader learns the library:
-formats and scaling -> cast -> GEMM -> FP8 linear fwd/bwd -> torch.compile.
+formats and scaling -> cast -> GEMM -> FP8 linear fwd/bwd -> torch.compile -> optimizer ->
+communication -> training (levels 0-2, DDP) -> FP8 ZeRO (level 3).
 
 CPU (CI):  TRITON_INTERPRET=1 python -m pytest -q test_fp8.py   (kernels run in the Triton interpreter)
 GPU:       python -m pytest -q test_fp8.py                        (same tests, large shapes, bit-exact checks)
 """
+import copy
+import io
+import json
 import math
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn as nn
 
+import comm
 import fp8
 import kernels
+import model as M
+import optim
+import prepare
+import train as TR
+from fp8 import FP8Tensor
 from kernels import E4M3, E5M2
 
 CUDA = torch.cuda.is_available()
@@ -458,3 +477,1180 @@ def test_torch_compile_traces_fp8_linear_without_graph_breaks(backend):
     y_eager.sum().backward()
     assert torch.equal(y, y_eager)
     assert torch.equal(g_compiled, fp8.fp8_grad(m[0].weight).dequantize())
+
+
+# =============================================================================================
+# optimizer (optim.py): FP8AdamW, decoupled precision, fused step
+# =============================================================================================
+
+F16, F32 = torch.float16, torch.float32
+STEPS, LR, WD = 100, 1e-3, 0.1
+# Tolerances on the relative error above (measured on CPU in brackets, identical under the interpreter):
+# - FP32 master, FP32 m1/m2: only fp32 rounding (and torch's FMA in lerp/addcmul) differ: ~1e-8 per
+#   step, growing ~linearly over 100 steps. [1.2e-7]
+TOL_EXACT = 5e-6
+# - FP16 weight as master: each step rounds w (|w| < 0.35 here) to FP16, ulp/2 = 2^-12 of |w|, while
+#   the step is ~lr = 1e-3: a random-walk error of ~sqrt(100) * 2^-13 * 0.2 ~ 2e-4 against a
+#   movement of ~0.1 -> ~0.3%. FP16 m1/m2 (scaled, 11-bit mantissa) add nothing visible. [3.6e-3]
+TOL_F16 = 1.5e-2
+# - FP8 E4M3 m1 (3-bit mantissa: half an ulp is 2^-4 = 6% relative) while each step changes m by
+#   (1 - beta1) = 10%: rounding noise of a few % per element, partly averaged by the momentum. [2.2e-2]
+TOL_M1_FP8 = 5e-2
+# - FP8 m2: each step moves v by (1 - beta2) = 0.1%, far below half an E4M3 ulp (6%), so round-to-
+#   nearest mostly swallows the update and v stagnates: a systematic error of a few % in sqrt(v),
+#   the reason the paper keeps m2 in FP16 (stochastic rounding would fix it; not done). [9.4e-2]
+TOL_M2_FP8 = 1.5e-1
+DTYPES = {"fp8": E4M3, "fp16": F16, "fp32": F32}
+
+
+def tol_for(m1: torch.dtype, m2: torch.dtype) -> float:
+    return max(TOL_F16, TOL_M1_FP8 if m1 == E4M3 else 0.0, TOL_M2_FP8 if m2 == E4M3 else 0.0)
+
+
+def make_model(seed: int = 0) -> nn.ModuleList:
+    """Two FP8 linears (one with bias; 16-multiple features, as FP8 GEMMs need), an embedding, a norm."""
+    torch.manual_seed(seed)
+    return nn.ModuleList([fp8.FP8Linear(32, 48), fp8.FP8Linear(48, 32, bias=False), nn.Embedding(16, 32),
+                          nn.LayerNorm(32)])
+
+
+def set_grads(params: list, step: int, scale: float = 1.0, seed: int = 0) -> list:
+    """Write gradient `step` into params (FP8 ones quantized into their buffers); return what torch
+    should see: the same values in FP32 (FP8 ones dequantized)."""
+    gen = torch.Generator().manual_seed(1000 * seed + 1)
+    out = []
+    for i, p in enumerate(params):
+        direction = torch.randn(p.shape, generator=gen)  # same each call: seeded identically
+        noise = torch.randn(p.shape, generator=torch.Generator().manual_seed(10_000 * seed + 100 * step + i))
+        g = (scale * (direction + noise)).to(p.device)
+        if fp8.is_fp8_param(p):
+            q = fp8.FP8Tensor.quantize(g)
+            o = p._fp8_owner
+            o.weight_grad_fp8.copy_(q.data)
+            o.weight_grad_scale_inv.copy_(q.scale_inv)
+            o.weight_grad_amax.copy_(g.abs().amax().reshape(1))
+            g = q.dequantize()
+        else:
+            p.grad = g.clone()
+        out.append(g)
+    return out
+
+
+def torch_twin(params: list, lr: float = LR, wd: float = WD):
+    ref = [p.detach().float().clone().requires_grad_(True) for p in params]
+    return ref, torch.optim.AdamW(ref, lr=lr, weight_decay=wd, foreach=False)
+
+
+def optim_rel_err(params: list, ref: list, start: list) -> float:
+    num = sum((p.float() - r).norm() ** 2 for p, r in zip(params, ref)) ** 0.5
+    den = sum((r - s).norm() ** 2 for r, s in zip(ref, start)) ** 0.5
+    return float((num / den).detach())
+
+
+def run_vs_torch(m1, m2, master=F16, scale=1.0, steps=STEPS, lr=LR):
+    params = list(make_model().parameters())
+    start = [p.detach().float().clone() for p in params]
+    opt = optim.FP8AdamW(params, lr=lr, weight_decay=WD, master_dtype=master, m1_dtype=m1, m2_dtype=m2)
+    ref, ref_opt = torch_twin(params, lr)
+    for t in range(steps):
+        for r, g in zip(ref, set_grads(params, t, scale)):
+            r.grad = g
+        opt.step()
+        ref_opt.step()
+    return params, ref, start, opt, ref_opt
+
+
+# ----------------------------------------------------------------------------------------------
+# against torch.optim.AdamW
+
+
+@pytest.mark.parametrize("m1", list(DTYPES))
+@pytest.mark.parametrize("m2", list(DTYPES))
+def test_vs_torch_adamw_100_steps(m1, m2):
+    params, ref, start, _, _ = run_vs_torch(DTYPES[m1], DTYPES[m2])
+    err = optim_rel_err(params, ref, start)
+    assert err < tol_for(DTYPES[m1], DTYPES[m2]), f"m1 {m1} m2 {m2}: relative error {err:.2e}"
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_fp32_states_fp32_master_match_torch():
+    params, ref, start, opt, _ = run_vs_torch(F32, F32, master=F32)
+    masters = [opt.state[p]["master"] if "master" in opt.state[p] else p for p in params]
+    err = optim_rel_err(masters, ref, start)
+    assert err < TOL_EXACT, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("scale", [1e-8, 1e4])
+def test_tiny_and_huge_gradients(scale):
+    """Level 2 with gradients of 1e-8 and 1e4: the per-tensor scales keep m1 (E4M3) and m2 = g^2 (FP16:
+    1e-16 or 1e8, both outside FP16's range unscaled) representable; the error matches scale 1."""
+    params, ref, start, opt, ref_opt = run_vs_torch(E4M3, F16, scale=scale, steps=30)
+    assert optim_rel_err(params, ref, start) < tol_for(E4M3, F16)
+    for p, r in zip(params, ref):
+        if fp8.is_fp8_param(p):
+            st, rst = opt.state[p], ref_opt.state[r]
+            v = st["exp_avg_sq"].float() * st["exp_avg_sq_scale_inv"]
+            assert torch.isfinite(st["exp_avg_sq"]).all() and (st["exp_avg_sq"] != 0).all()  # no underflow
+            # one FP16 rounding (<= 2^-12 relative) per step, and v barely decays (beta2 = 0.999): they add up
+            torch.testing.assert_close(v, rst["exp_avg_sq"], rtol=30 * 2.0 ** -12, atol=0)
+            m = st["exp_avg"].float() * st["exp_avg_scale_inv"]
+            # E4M3 rounding (2^-4) of a state that moves by 10% a step accumulates: measured 6.4%
+            assert (m - rst["exp_avg"]).norm() / rst["exp_avg"].norm() < 0.15
+
+
+def test_param_groups_and_lr_scheduler():
+    params = list(make_model().parameters())
+    start = [p.detach().float().clone() for p in params]
+    groups = lambda ps: [{"params": ps[:3], "lr": 2e-3, "weight_decay": 0.0}, {"params": ps[3:]}]  # noqa: E731
+    opt = optim.FP8AdamW(groups(params), lr=LR, weight_decay=WD, master_dtype=F32, m1_dtype=F32, m2_dtype=F32)
+    ref = [p.detach().float().clone().requires_grad_(True) for p in params]
+    ref_opt = torch.optim.AdamW(groups(ref), lr=LR, weight_decay=WD, foreach=False)
+    warmup = lambda s: min(1.0, (s + 1) / 5)  # noqa: E731
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, warmup) for o in (opt, ref_opt)]
+    for t in range(10):
+        for r, g in zip(ref, set_grads(params, t)):
+            r.grad = g
+        for o, s in zip((opt, ref_opt), scheds):
+            o.step()
+            s.step()
+    assert opt.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"] == 2e-3
+    masters = [opt.state[p].get("master", p) for p in params]
+    assert optim_rel_err(masters, ref, start) < TOL_EXACT
+
+
+def test_zero_grad_clears_fp8_grads_and_no_grad_means_no_step():
+    params = list(make_model().parameters())
+    opt = optim.FP8AdamW(params, **optim.LEVEL_DTYPES[2])
+    set_grads(params, 0)
+    opt.step()
+    opt.zero_grad()
+    for p in params:
+        assert p.grad is None and (not fp8.is_fp8_param(p) or fp8.fp8_grad(p).scale_inv.item() == 0)
+    before = snapshot(params, opt)
+    opt.step()  # no gradients at all: torch skips such params (weight decay included)
+    assert_same(before, snapshot(params, opt))
+    assert all(opt.state[p]["step"].item() == 1 for p in params)
+
+
+# ----------------------------------------------------------------------------------------------
+# state_dict, skipping, clipping
+
+
+def snapshot(params: list, opt) -> list:
+    return [p.detach().clone() for p in params] + [t.clone() for p in params for t in opt.state[p].values()]
+
+
+def assert_same(a: list, b: list) -> None:
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and torch.equal(x.view(torch.uint8), y.view(torch.uint8)), "not bit-identical"
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_state_dict_round_trip_bit_identical(level):
+    model = make_model()
+    params = list(model.parameters())
+    opt = optim.FP8AdamW(params, lr=LR, **optim.LEVEL_DTYPES[level])
+    for t in range(3):
+        set_grads(params, t)
+        opt.step()
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    model2 = make_model(seed=1)  # different init: everything must come from the checkpoint
+    model2.load_state_dict(ckpt["model"])
+    params2 = list(model2.parameters())
+    opt2 = optim.FP8AdamW(params2, lr=123.0, **optim.LEVEL_DTYPES[level])
+    opt2.load_state_dict(ckpt["opt"])
+    assert opt2.param_groups[0]["lr"] == LR
+    for ps, o in ((params, opt), (params2, opt2)):
+        set_grads(ps, 3)
+        o.step()
+    assert_same(snapshot(params, opt), snapshot(params2, opt2))
+
+
+def test_load_state_dict_rejects_wrong_dtype_and_shape():
+    params = list(make_model().parameters())
+    opt = optim.FP8AdamW(params, **optim.LEVEL_DTYPES[2])
+    sd = copy.deepcopy(opt.state_dict())
+    other = optim.FP8AdamW(params, **optim.LEVEL_DTYPES[1])  # FP32 moments, no scales
+    with pytest.raises(ValueError, match="m1_dtype"):
+        other.load_state_dict(sd)
+    bad = copy.deepcopy(sd)
+    bad["state"][0]["exp_avg"] = torch.zeros(3, 3, dtype=E4M3)
+    with pytest.raises(ValueError, match="exp_avg"):
+        opt.load_state_dict(bad)
+    bad = copy.deepcopy(sd)
+    bad["state"][0]["exp_avg_sq"] = bad["state"][0]["exp_avg_sq"].float()
+    with pytest.raises(ValueError, match="float32"):
+        opt.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("where", ["fp8_amax_inf", "fp8_data_nan", "grad_nan", "grad_inf"])
+def test_nonfinite_gradient_skips_everything(where):
+    params = list(make_model().parameters())
+    opt = optim.FP8AdamW(params, **optim.LEVEL_DTYPES[2])
+    set_grads(params, 0)
+    opt.step()
+    set_grads(params, 1)
+    fp8_p = next(p for p in params if fp8.is_fp8_param(p))
+    other = next(p for p in params if not fp8.is_fp8_param(p))
+    if where == "fp8_amax_inf":  # an inf in the wgrad saturates to 448 in FP8; only its amax tells
+        fp8_p._fp8_owner.weight_grad_amax.fill_(float("inf"))
+    elif where == "fp8_data_nan":  # as the wgrad cast leaves it: NaN kept (E4M3 0x7F), amax NaN
+        fp8_p._fp8_owner.weight_grad_fp8.view(torch.uint8)[0, 0] = 0x7F
+        fp8_p._fp8_owner.weight_grad_amax.fill_(float("nan"))
+    else:
+        other.grad[0] = float("nan") if where == "grad_nan" else float("inf")
+    before = snapshot(params, opt)
+    grad_scale, found_inf, norm = optim.clip_and_check(params, max_norm=1.0)
+    assert found_inf.item() and grad_scale.item() == 1.0
+    opt.step(grad_scale=grad_scale, found_inf=found_inf)
+    assert_same(before, snapshot(params, opt))
+
+
+def test_clip_and_check_matches_torch_norm_and_scales_the_step():
+    params = list(make_model().parameters())
+    grads = set_grads(params, 0, scale=0.5)
+    ref_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+    grad_scale, found_inf, norm = optim.clip_and_check(params, max_norm=1.0)
+    assert not found_inf.item() and norm.dim() == 0 and grad_scale.dim() == 0
+    torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad_scale, (1.0 / (ref_norm + optim.CLIP_EPS)).clamp(max=1), rtol=1e-5, atol=0)
+    assert optim.clip_and_check(params, max_norm=1e9)[0].item() == 1.0
+    # the clipped step equals torch's AdamW given clipped gradients
+    start = [p.detach().float().clone() for p in params]
+    opt = optim.FP8AdamW(params, lr=LR, weight_decay=WD, master_dtype=F32, m1_dtype=F32, m2_dtype=F32)
+    ref, ref_opt = torch_twin(params)
+    for r, g in zip(ref, grads):
+        r.grad = g * grad_scale
+    opt.step(grad_scale=grad_scale, found_inf=found_inf)
+    ref_opt.step()
+    masters = [opt.state[p].get("master", p) for p in params]
+    assert optim_rel_err(masters, ref, start) < TOL_EXACT
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_tensor_lr_equals_float_lr(level):
+    """lr as a 0-dim tensor (read on the device: no sync, CUDA-graph capturable) gives bit-identical steps to
+    the same lr as a python float, and follows a scheduler (torch's schedulers fill_ a tensor lr in place)."""
+    lr = float(torch.tensor(1e-3))  # float32-representable, so both paths see the same number
+    runs = []
+    for lr_arg in (lr, torch.tensor(lr)):
+        params = list(make_model().parameters())
+        opt = optim.FP8AdamW(params, lr=lr_arg, weight_decay=WD, **optim.LEVEL_DTYPES[level])
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)  # powers of 2: exact in float32
+        for t in range(3):
+            set_grads(params, t)
+            opt.step()
+            sched.step()
+        runs.append(snapshot(params, opt))
+    assert torch.is_tensor(opt.param_groups[0]["lr"]) and float(opt.param_groups[0]["lr"]) == lr / 8
+    assert_same(*runs)
+
+
+def test_bad_arguments():
+    params = list(make_model().parameters())
+    with pytest.raises(ValueError, match="m1_dtype"):
+        optim.FP8AdamW(params, m1_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="betas"):
+        optim.FP8AdamW(params, betas=(0.9, 1.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# the fused kernel against its torch reference (interpreter on CPU, or CUDA)
+
+
+def random_step_args(dtypes, master: bool, device: str, sizes=(1, 17, 1000, 3000), seed: int = 0):
+    """Tensors of sizes that are not multiples of the block, random states and per-tensor scalars."""
+    g_dtype, w_dtype, m1_dtype, m2_dtype = dtypes
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda n, s=1.0: (torch.randn(n, generator=gen) * s)  # noqa: E731
+    n = len(sizes)
+    ws = [rnd(k, 0.1).to(w_dtype) for k in sizes]
+    gs = [rnd(k, 100.0).clamp(-448, 448).to(g_dtype) for k in sizes]
+    m1s = [rnd(k, 50.0).clamp(-448, 448).to(m1_dtype) for k in sizes]
+    m2s = [rnd(k, 50.0).abs().clamp(max=448).to(m2_dtype) for k in sizes]
+    masters = [w.float() + rnd(w.numel(), 1e-4) for w in ws] if master else None
+    meta = torch.empty(optim.N_META, n)
+    meta[optim.G_SI] = 2.0 ** -10
+    meta[optim.ACTIVE] = torch.tensor([1.0] * (n - 1) + [0.0])  # the last tensor is skipped
+    for si in (optim.M1_SI, optim.M2_SI):
+        meta[si] = 2.0 ** -12
+        meta[si + 1] = 2.0 ** 10  # new scales
+        meta[si + 2] = 2.0 ** -10
+    meta[optim.STEP_SIZE], meta[optim.BC2_SQRT], meta[optim.DECAY] = 1e-3 / 0.1, 0.03, 1 - 1e-4
+    hp = dict(beta1=0.9, one_minus_beta1=0.1, beta2=0.95, one_minus_beta2=0.05, eps=1e-8)
+    to = lambda ts: None if ts is None else [t.to(device) for t in ts]  # noqa: E731
+    return [to(ws), to(gs), to(m1s), to(m2s), to(masters), meta.to(device), torch.zeros(2, n, device=device), hp]
+
+
+def kernel_vs_ref(device: str):
+    """Bit-exact, in the interpreter and on the GPU: the kernel rounds every fp32 operation as the reference
+    does (div_rn, sqrt_rn, and no FMA contraction: enable_fp_fusion=False). scratch/gpu_check_optim.py
+    explains any difference against a float64 model."""
+    for dtypes, master in [((E4M3, F16, E4M3, F16), False), ((E4M3, F16, E4M3, F16), True),
+                           ((E4M3, F16, F32, F32), False), ((F32, F32, F32, F32), False)]:
+        args = random_step_args(dtypes, master, device)
+        ref_args = copy.deepcopy([a if not isinstance(a, list) else [t.cpu() for t in a] for a in args])
+        ref_args[5], ref_args[6] = ref_args[5].cpu(), ref_args[6].cpu()
+        optim.fused_adam_step(*args)
+        optim.adam_step_ref(*ref_args)
+        for got, want in zip(args[:5], ref_args[:5]):
+            for a, b in zip(got or [], want or []):
+                assert_same([a.cpu()], [b])
+        assert_same([args[6].cpu()], [ref_args[6]])
+        assert args[6][:, -1].eq(0).all(), "an inactive tensor records no amax"
+
+
+@pytest.mark.skipif(not kernels.INTERPRET, reason="Triton kernel on CPU needs TRITON_INTERPRET=1 (CI sets it)")
+def test_fused_kernel_matches_reference_interpreter():
+    kernel_vs_ref("cpu")
+    gs = [torch.randn(k).to(E4M3) for k in (5, 5000)]
+    w = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    want = sum(wi * g.double().square().sum() for wi, g in zip(w, gs))
+    torch.testing.assert_close(optim.weighted_sumsq(gs, w), want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fused_kernel_matches_reference_gpu():
+    kernel_vs_ref("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_step_makes_no_host_sync_gpu():
+    model = make_model().cuda()
+    params = list(model.parameters())
+    lr = torch.tensor(1e-3, device="cuda")  # a device lr (CUDA-graph style) must not sync either
+    opt = optim.FP8AdamW(params, lr=lr, **optim.LEVEL_DTYPES[2])
+    for p in params:  # gradients made on the device
+        if fp8.is_fp8_param(p):
+            q = fp8.FP8Tensor.quantize(torch.randn(p.shape, device="cuda"))
+            p._fp8_owner.weight_grad_fp8.copy_(q.data)
+            p._fp8_owner.weight_grad_scale_inv.copy_(q.scale_inv)
+        else:
+            p.grad = torch.randn_like(p)
+    opt.step()  # first step builds the pointer tables (host -> device copies)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        grad_scale, found_inf, _ = optim.clip_and_check(params, 1.0)
+        opt.step(grad_scale=grad_scale, found_inf=found_inf)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+# =============================================================================================
+# communication (comm.py): auto-scaled FP8 all-reduce, greedy partition
+# =============================================================================================
+
+WORLD = 2
+# E4M3 keeps 3 mantissa bits: one rounding of a Gaussian gives ~31 dB; the all-reduce rounds
+# at most twice (pre-scale of float grads, re-quantization of the mean), ~28 dB; 25 dB leaves margin.
+ALLREDUCE_SQNR_DB = 25.0
+# LPT (largest first) guarantees max load <= 4/3 of the optimum, and the optimum >= max(mean load,
+# largest tensor); on GPT-2 124M the greedy result is within 0.001% of that lower bound.
+LOAD_BOUND = 1.01
+DEAD_RANK_TIMEOUT_S = 10.0
+
+
+def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
+    ref, x = ref.double(), x.double()
+    return (10 * torch.log10(ref.pow(2).sum() / (ref - x).pow(2).sum().clamp_min(1e-300))).item()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn, port: int, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)  # 2 processes on 2 cores
+    fn(rank, *args)
+
+
+def run_dist(fn, *args) -> None:
+    """fn(rank, *args) in WORLD spawned processes; a failure in any of them fails the test."""
+    mp.spawn(_entry, args=(fn, _free_port(), args), nprocs=WORLD, join=True)
+
+
+def _grads_for(rank: int, seed: int):
+    """A rank's gradient set: FP8 grads (shapes not multiples of the block, an outlier, an empty one
+    on rank 1, an all-zero one), fp32 and bf16 grads; wide spread of amaxes across ranks."""
+    g = torch.Generator().manual_seed(seed * 100 + rank)
+    big = torch.randn(300, 48, generator=g) * (10.0 if rank else 0.1)
+    outl = torch.randn(17, 16, generator=g) * 1e-3
+    outl[3, 5] = 5.0 * (rank + 1)
+    empty = FP8Tensor.quantize(torch.randn(32, 16, generator=g))
+    if rank == 1:
+        empty.scale_inv.zero_()  # an empty gradient (no backward wrote it on this rank)
+    return [FP8Tensor.quantize(big), FP8Tensor.quantize(outl), empty, FP8Tensor.quantize(torch.zeros(16, 16)),
+            FP8Tensor.quantize(torch.randn(50, 96, generator=g) * 1e-6),  # subnormal-range values
+            torch.randn(4099, generator=g), (torch.randn(7, 33, generator=g) * 3).bfloat16()]
+
+
+def _dequant(g) -> torch.Tensor:
+    if isinstance(g, FP8Tensor):
+        return torch.where(g.scale_inv == 0, 0.0, g.data.float() * g.scale_inv)
+    return g.float()
+
+
+def _allreduce_worker(rank: int, bucket_bytes: int) -> None:
+    comm.setup(device="cpu")
+    try:
+        red = comm.FP8AllReduce(WORLD, bucket_bytes=bucket_bytes)
+        for step in range(2):
+            all_sets = [_grads_for(r, step) for r in range(WORLD)]  # every rank can build every rank's set
+            grads = [FP8Tensor(g.data.clone(), g.scale_inv.clone()) if isinstance(g, FP8Tensor) else g.clone()
+                     for g in all_sets[rank]]
+            # step 1: the caller's amaxes (as FP8Linear.weight_grad_amax would give) for some grads
+            amaxes = [_dequant(g).abs().amax() if step and i % 2 else None for i, g in enumerate(grads)]
+            found_inf = red(grads, amaxes)
+            assert found_inf.item() == 0
+            for i, g in enumerate(grads):
+                ins = [_dequant(s[i]) for s in all_sets]
+                mean = torch.stack([x.double() for x in ins]).mean(0)
+                out = _dequant(g)
+                # reference 1, FP8-rounded: same shared power-of-two scale, the paper's recipe in torch
+                si = g.scale_inv if isinstance(g, FP8Tensor) else None
+                amax = max(x.abs().max().item() for x in ins)
+                if amax > 0 and si is not None:
+                    expect_si = 2.0 ** -torch.floor(torch.log2(torch.tensor(448.0 / amax, dtype=torch.float64)))
+                    assert si.item() == expect_si.item(), (i, si.item(), expect_si.item())
+                    scale = 1.0 / si
+                    q = [(x * scale).clamp(-448, 448).to(E4M3).float() for x in ins]
+                    ref_fp8 = ((q[0] + q[1]) * 0.5).to(E4M3)
+                    assert torch.equal(g.data.view(torch.uint8), ref_fp8.view(torch.uint8)), f"tensor {i}"
+                # reference 2, unquantized FP32 mean: SQNR floor
+                if mean.abs().max() > 0:
+                    assert sqnr_db(mean, out) >= ALLREDUCE_SQNR_DB, (i, sqnr_db(mean, out))
+                else:
+                    assert out.abs().max() == 0
+    finally:
+        comm.teardown()
+
+
+def _bitwise_worker(rank: int) -> None:
+    comm.setup(device="cpu")
+    try:
+        red = comm.FP8AllReduce(WORLD, bucket_bytes=3000)  # several buckets, one tensor bigger than a bucket
+        torch.manual_seed(1234 + rank)  # different data per rank
+        grads = [FP8Tensor.quantize(torch.randn(64, 80) * (rank + 1)), torch.randn(6000) * 0.01,
+                 FP8Tensor.quantize(torch.randn(40, 16)), torch.randn(333).bfloat16()]
+        assert len(red.buckets) == 0
+        red(grads)
+        assert len(red.buckets) >= 3
+        mine = torch.cat([(g.data.view(torch.uint8).flatten().float() if isinstance(g, FP8Tensor)
+                           else g.float().flatten()) for g in grads] +
+                         [g.scale_inv.reshape(1) for g in grads if isinstance(g, FP8Tensor)])
+        both = [torch.empty_like(mine) for _ in range(WORLD)]
+        dist.all_gather(both, mine)
+        assert torch.equal(both[0].view(torch.int32), both[1].view(torch.int32))
+    finally:
+        comm.teardown()
+
+
+def _mu_worker(rank: int) -> None:
+    comm.setup(device="cpu")
+    try:
+        cfg = comm.AutoScaleConfig(growth_interval=2, mu_init=4.0)
+        red = comm.FP8AllReduce(WORLD, cfg=cfg)
+        mus, sats = [], []
+        for step in range(8):
+            # rank 1: uniform in (-1, 1), so mu >= 2 clips >= 12% of it; rank 0: 100x smaller, never clips
+            torch.manual_seed(step * 10 + rank)
+            x = (torch.rand(4000) * 2 - 1) * (1.0 if rank else 0.01)
+            red([x])
+            mus.append(red.mu.item())
+            sats.append(red.sat_frac.item())
+        # clipping (on rank 1 only) halves mu on both ranks in the next step; 2 clean steps double it
+        assert mus == [4, 2, 1, 1, 2, 1, 1, 2], mus
+        clipped = [m > 1 for m in mus]
+        assert all((s > 0.1) == c for s, c in zip(sats, clipped)) if rank else all(s == 0 for s in sats), sats
+    finally:
+        comm.teardown()
+
+
+def _nonfinite_worker(rank: int) -> None:
+    comm.setup(device="cpu")
+    try:
+        red = comm.FP8AllReduce(WORLD, cfg=comm.AutoScaleConfig(growth_interval=1))
+        torch.manual_seed(rank)
+        for step, bad in enumerate([None, "nan_fp8", None, "inf_float", "nan_float", None]):
+            grads = [FP8Tensor.quantize(torch.randn(48, 32)), torch.randn(100)]
+            if bad == "nan_fp8" and rank == 1:
+                grads[0].data.view(torch.uint8)[3, 4] = 0x7F  # E4M3 NaN
+            if bad == "inf_float" and rank == 0:
+                grads[1][7] = float("inf")
+            if bad == "nan_float" and rank == 1:
+                grads[1][0] = float("nan")
+            mu_before = red.mu.item() if red.mu is not None else None
+            found_inf = red(grads)
+            assert found_inf.item() == (1.0 if bad else 0.0), (step, bad, found_inf)
+            if step > 0 and red.prev_inf.item() == 0 and bad is None and step in (3, 5):
+                # the step after a skipped one: mu untouched by the skipped step's statistics
+                assert red.mu.item() == mu_before
+    finally:
+        comm.teardown()
+
+
+RAISED = 3  # exit code of a survivor whose collective raised
+
+
+def _dead_rank_worker(rank: int) -> None:
+    comm.setup(device="cpu", timeout_s=DEAD_RANK_TIMEOUT_S)
+    if rank == 1:
+        os._exit(0)  # dies without a word
+    try:
+        for _ in range(3):
+            dist.all_reduce(torch.ones(4))
+    except RuntimeError:
+        os._exit(RAISED)
+
+
+def _zero_worker(rank: int) -> None:
+    comm.setup(device="cpu")
+    try:
+        shapes = [(96, 64), (16, 16), (48, 32), (200, 16), (32, 32), (17, 16)]
+        part = comm.Fp8ZeroPartition([a * b for a, b in shapes], WORLD)
+        torch.manual_seed(7 + rank)
+        grads = [FP8Tensor.quantize(torch.randn(s) * (rank + 1)) for s in shapes]
+        ref = [FP8Tensor(g.data.clone(), g.scale_inv.clone()) for g in grads]
+        before = [g.data.clone() for g in grads]
+        comm.FP8AllReduce(WORLD)(ref)
+        comm.FP8AllReduce(WORLD).reduce_to_owners(grads, part)
+        for i, g in enumerate(grads):  # owners hold exactly the all-reduce result, the others are untouched
+            if part.owners[i] == rank:
+                assert torch.equal(g.data.view(torch.uint8), ref[i].data.view(torch.uint8))
+                assert torch.equal(g.scale_inv, ref[i].scale_inv)
+            else:
+                assert torch.equal(g.data.view(torch.uint8), before[i].view(torch.uint8))
+        # FP8 weights: each owner's tensors (and scales) reach every rank
+        weights = [FP8Tensor.quantize(torch.randn(s, generator=torch.Generator().manual_seed(i)) * (i + 1))
+                   if part.owners[i] == rank else FP8Tensor(torch.zeros(s, dtype=E4M3), torch.zeros(1))
+                   for i, s in enumerate(shapes)]
+        part.all_gather_weights(weights, rank)
+        for i, s in enumerate(shapes):
+            expect = FP8Tensor.quantize(torch.randn(s, generator=torch.Generator().manual_seed(i)) * (i + 1))
+            assert torch.equal(weights[i].data.view(torch.uint8), expect.data.view(torch.uint8))
+            assert torch.equal(weights[i].scale_inv, expect.scale_inv)
+    finally:
+        comm.teardown()
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _gpt2_124m_sizes() -> list[int]:
+    C, L, V, T = 768, 12, 50257, 1024
+    sizes = [V * C, T * C]  # wte, wpe
+    for _ in range(L):  # ln_1, attn c_attn / c_proj, ln_2, mlp c_fc / c_proj: weights and biases
+        sizes += [C, C, C * 3 * C, 3 * C, C * C, C, C, C, 4 * C * C, 4 * C, 4 * C * C, C]
+    return sizes + [C, C]  # ln_f
+
+
+def test_greedy_partition():
+    sizes = _gpt2_124m_sizes()
+    assert sum(sizes) == 124_439_808
+    for W in (1, 2, 4, 8):
+        owners = comm.greedy_partition(sizes, W)
+        assert owners == comm.greedy_partition(list(sizes), W)  # deterministic
+        load = [0] * W
+        for s, r in zip(sizes, owners):
+            load[r] += s
+        mean = sum(sizes) / W
+        assert max(load) <= LOAD_BOUND * max(mean, max(sizes)), (W, load)
+        if W == 2:
+            assert max(load) / mean <= LOAD_BOUND
+    assert comm.greedy_partition([5, 5, 5], 2) == [0, 1, 0]  # ties: lowest rank, lower index first
+    assert comm.greedy_partition([1, 9, 4, 4], 3) == [1, 0, 1, 2]
+    with pytest.raises(ValueError):
+        comm.greedy_partition([1], 0)
+
+
+def _mixed_grads(seed: int) -> list:
+    g = torch.Generator().manual_seed(seed)
+    empty = FP8Tensor.quantize(torch.randn(16, 16, generator=g))
+    empty.scale_inv.zero_()
+    return [FP8Tensor.quantize(torch.randn(130, 48, generator=g)), torch.randn(5003, generator=g) * 3, empty,
+            (torch.randn(7, 33, generator=g) * 1e-3).bfloat16(), torch.rand(999, generator=g).half(),
+            FP8Tensor.quantize(torch.randn(20, 16, generator=g) * 1e-4), torch.zeros(0)]
+
+
+@pytest.mark.skipif(not kernels.INTERPRET, reason="Triton kernels on CPU need TRITON_INTERPRET=1")
+def test_comm_kernels_match_torch():
+    # the whole reduce (multi-tensor amax / pre-scale with clipping / unpack) in one process, Triton vs
+    # torch reference: bitwise equal results, scales and clip counts; mu = 4 makes the pre-scale clip
+    outs = []
+    for backend in ("auto", "torch"):
+        red = comm.FP8AllReduce(1, bucket_bytes=8000, backend=backend, cfg=comm.AutoScaleConfig(mu_init=4.0))
+        grads = _mixed_grads(0)
+        red(grads)
+        red(grads)  # second call: mu reacted (halved), tables reused
+        outs.append([x for g in grads for x in ((g.data.view(torch.uint8), g.scale_inv) if isinstance(g, FP8Tensor)
+                                                else (g,))] + [red.mu, red.sat_frac, red.sat_count])
+    assert outs[1][-1].item() > 0  # something clipped
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    for W in (2, 3):
+        x = torch.randint(0, 256, (W, 4100), dtype=torch.uint8)
+        x[(x & 0x7F) == 0x7F] = 0  # no NaN
+        y = [torch.empty(4100, dtype=torch.uint8) for _ in range(2)]
+        comm._sum_requant(x.view(E4M3), y[0].view(E4M3), True)
+        comm._sum_requant(x.view(E4M3), y[1].view(E4M3), False)
+        assert torch.equal(y[0], y[1])
+
+
+def test_allreduce_vs_fp32_mean():
+    run_dist(_allreduce_worker, comm.BUCKET_BYTES)
+
+
+def test_allreduce_bitwise_identical_across_ranks():
+    run_dist(_bitwise_worker)
+
+
+def test_mu_reacts_to_saturation_and_recovers():
+    run_dist(_mu_worker)
+
+
+def test_nonfinite_on_one_rank_skips_on_all():
+    run_dist(_nonfinite_worker)
+
+
+def test_dead_rank_ends_the_other_instead_of_hanging():
+    # the survivor either raises (gloo: connection closed / timeout) or gloo's I/O thread aborts the
+    # process (SIGABRT); both end it with an error well within the process-group timeout
+    ctx, port = mp.get_context("spawn"), _free_port()
+    procs = [ctx.Process(target=_entry, args=(r, _dead_rank_worker, port, ())) for r in range(WORLD)]
+    t0 = time.time()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=DEAD_RANK_TIMEOUT_S + 40)
+    alive = [p.is_alive() for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not any(alive), "a rank hung"
+    assert procs[0].exitcode in (RAISED, -signal.SIGABRT), procs[0].exitcode
+    assert time.time() - t0 < DEAD_RANK_TIMEOUT_S + 40
+
+
+def test_zero_partition_layout():
+    sizes = _gpt2_124m_sizes()
+    for W in (1, 2, 3, 8):
+        part = comm.Fp8ZeroPartition(sizes, W)
+        assert part.owners == comm.greedy_partition(sizes, W)
+        spans = sorted((part.offset[i], part.offset[i] + n) for i, n in enumerate(sizes))
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # disjoint
+        for i, n in enumerate(sizes):  # inside the owner's shard, before its scales
+            r = part.owners[i]
+            assert r * part.shard <= part.offset[i] and part.offset[i] + n <= r * part.shard + part.scale_at[r]
+        assert part.shard % comm.ALIGN == 0 and part.shard <= max(part.loads()) + 4 * len(sizes) + 2 * comm.ALIGN
+
+
+def test_zero_reduce_to_owners_and_weight_all_gather():
+    run_dist(_zero_worker)
+
+
+def test_single_process_is_lossless_for_fp8():
+    red = comm.FP8AllReduce(1)
+    g = FP8Tensor.quantize(torch.randn(64, 32))
+    before = g.dequantize()
+    assert red([g]).item() == 0
+    assert torch.equal(g.dequantize(), before)  # mu = 1: the pre-scale is exact, the mean of one is itself
+
+
+# =============================================================================================
+# training (prepare.py, model.py, train.py): levels 0-2, resume, skips, DDP
+# =============================================================================================
+
+
+
+@pytest.fixture(autouse=True)
+def _trainer_uses_torch_references(request, monkeypatch):
+    """Trainer tests (those that take the data_dir corpus) run the kernels' torch references on CPU even
+    under TRITON_INTERPRET=1: the interpreter costs ~25 s per micro-batch of the tiny model, and every
+    kernel is checked bit for bit against its reference by the kernel tests above and below."""
+    if "data_dir" in request.fixturenames and not torch.cuda.is_available():
+        monkeypatch.setattr(kernels, "INTERPRET", False)
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SMALL = dict(preset="tiny", n_layer=2, n_head=2, n_embd=64, block_size=32, batch_size=4, eval_iters=2,
+             eval_interval=1000, lr=3e-3, warmup_steps=2, device="cpu", seed=7)
+# DDP (2 ranks x 1 micro-batch) vs 1 process (2 micro-batches): same data, same weights at step 0; the
+# gradient sums differ in order (FP32, ~1e-7 relative) and at level 1 the FP8 weight gradient is
+# re-quantized at a different point (E4M3: 2^-4 relative per element), which Adam carries into the
+# next steps. Measured over 8 steps: level 0 bit-equal (same summation order here), level 1 <= 3.2e-5
+# relative; the limits leave ~15x headroom (a wrong data shard moves the loss by > 1e-2).
+DDP_LOSS_RTOL = {0: 1e-6, 1: 5e-4}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A small corpus: the first 200 kB of $NANOFP8_TEXT (CI), else a generated text."""
+    src = os.environ.get("NANOFP8_TEXT")
+    text = Path(src).read_text()[:200_000] if src else \
+        "".join(f"The {w} of line {i} is {w[::-1]}.\n" for i in range(8000) for w in ("cat", "sea", "king"))
+    d = tmp_path_factory.mktemp("data")
+    (d / "corpus.txt").write_text(text)
+    prepare.main(["--input", str(d / "corpus.txt"), "--out_dir", str(d)])
+    return str(d)
+
+
+def run(data_dir, out_dir, **flags):
+    """train.py's main with SMALL + flags; returns train()'s result dict."""
+    args = {**SMALL, "data_dir": data_dir, "out_dir": str(out_dir), **flags}
+    return TR.main([f"--{k}={v}" for k, v in args.items()])
+
+
+def state(result):
+    return {k: v.clone() for k, v in result["model"].state_dict().items() if torch.is_tensor(v)}
+
+
+# ----------------------------------------------------------------------------------------------
+# data and flags
+
+
+def test_prepare_small_text(tmp_path):
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 50
+    (tmp_path / "a.txt").write_text(text)
+    prepare.main(["--input", str(tmp_path / "a.txt"), "--out_dir", str(tmp_path / "d")])
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    train = np.fromfile(tmp_path / "d" / "train.bin", dtype=np.uint16)
+    val = np.fromfile(tmp_path / "d" / "val.bin", dtype=np.uint16)
+    assert meta["vocab_size"] == 50257 and meta["train_tokens"] == len(train) and meta["val_tokens"] == len(val)
+    assert len(val) == int((len(train) + len(val)) * prepare.VAL_FRACTION)
+    enc = prepare.get_tokenizer()
+    assert enc.decode(np.concatenate([train, val]).tolist()) == text + "<|endoftext|>"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--no_such_flag=1"], None),
+    (["--compile=maybe"], None),
+    (["--lr=fast"], None),
+    (["--max_step=3"], None),  # abbreviations are not accepted
+    (["--fp8_level=3", "--compile=1"], "not supported at --fp8_level=3"),
+    (["--fp8_level=7"], "must be 0..3"),
+    (["--preset=gpt-5"], "--preset must be one of"),
+    (["--batch_size=4", "--block_size=32", "--total_batch_tokens=100"], "not a multiple"),
+])
+def test_bad_flags_error(argv, message, data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        TR.main(argv + ["--device=cpu", f"--data_dir={data_dir}", f"--out_dir={tmp_path}"])
+    err = str(e.value.code) + capsys.readouterr().err
+    assert (message or "error") in err
+
+
+def test_flags_parse_and_resolve():
+    flags = TR.parse_flags(["--resume=true", "--compile=0", "--lr=1e-3", "--preset=gpt2-124m", "--arch=llama"])
+    assert flags == dict(resume=True, compile=False, lr=1e-3, preset="gpt2-124m", arch="llama")
+    cfg = TR.resolve(flags, "cpu")
+    assert (cfg.fp8_level, cfg.block_size, cfg.batch_size, cfg.lr) == (TR.HIGHEST_LEVEL, 1024, 16, 1e-3)
+    assert TR.resolve({}, "cpu").preset == "tiny" and TR.resolve({}, "cuda:0").preset == "gpt2-124m"
+
+
+@pytest.mark.parametrize("arch", M.ARCHS)
+def test_model_shapes_and_generate(arch):
+    torch.manual_seed(0)
+    m = M.build(M.tiny(), arch=arch, n_layer=2, block_size=16)
+    idx, targets = torch.randint(0, 50257, (2, 2, 16))
+    logits, loss = m(idx, targets)
+    assert logits.shape == (2, 16, 50304) and abs(loss.item() - np.log(50304)) < 0.5  # GPT-2 init: ~uniform
+    assert m.generate(idx[:, :4], 3).shape == (2, 7)
+    fp8.convert_to_fp8(m, 1)
+    assert isinstance(m.transformer.h[0].mlp.c_fc, fp8.FP8Linear) and type(m.lm_head) is torch.nn.Linear
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+@pytest.mark.parametrize("level, arch", [(0, "gpt2"), (1, "gpt2"), (1, "llama"), (2, "gpt2")])
+def test_tiny_trains(level, arch, data_dir, tmp_path):
+    r = run(data_dir, tmp_path, fp8_level=level, arch=arch, max_steps=30)
+    v = r["val_losses"]
+    assert v[30] < v[0] - 1.5, v  # 10.8 -> below 9.3 (measured: ~7.5 after 30 steps)
+    assert np.mean([r["losses"][s] for s in range(25, 30)]) < r["losses"][0] - 1.5
+    log = [json.loads(line) for line in open(r["log"])]
+    assert log[0]["type"] == "run" and log[0]["config"]["fp8_level"] == level and "torch" in log[0]["versions"]
+    assert sum(rec["type"] == "step" for rec in log) == 30 and r["n_skipped"] == 0
+
+
+def test_level0_equals_plain_bf16_model(data_dir, tmp_path):
+    steps = 6
+    r = run(data_dir, tmp_path, fp8_level=0, max_steps=steps)
+    cfg = TR.resolve({**SMALL, "fp8_level": 0, "max_steps": steps, "data_dir": data_dir}, "cpu")
+    torch.manual_seed(cfg.seed)
+    m = M.GPT(TR.model_config(cfg))  # plain model, plain loop: BF16 autocast, FP32 weights, torch AdamW
+    params = list(m.parameters())
+    opt = torch.optim.AdamW([dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
+                             dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)],
+                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True)
+    data = TR.load_split(data_dir, "train")
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = TR.lr_at(step, cfg)
+        x, y = TR.get_batch(data, TR.batch_offsets(len(data), step, cfg.batch_size, cfg.block_size, cfg.seed),
+                            cfg.block_size, "cpu")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(x, y)[1]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad()
+        assert loss.item() == r["losses"][step], step  # bit for bit
+    ref = m.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in state(r).items())
+
+
+def test_same_seed_identical_curve(data_dir, tmp_path):
+    a = run(data_dir, tmp_path / "a", fp8_level=1, max_steps=6)
+    b = run(data_dir, tmp_path / "b", fp8_level=1, max_steps=6)
+    assert a["losses"] == b["losses"] and a["val_losses"] == b["val_losses"]
+    sa, sb = state(a), state(b)
+    assert all(torch.equal(sa[k].float(), sb[k].float()) for k in sa)
+    c = run(data_dir, tmp_path / "c", fp8_level=1, max_steps=6, seed=8)
+    assert c["losses"] != a["losses"]
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_resume_continues_identically(level, data_dir, tmp_path):
+    flags = dict(fp8_level=level, min_lr_ratio=1.0, eval_interval=4)  # constant LR after warmup: max_steps free
+    full = run(data_dir, tmp_path / "full", max_steps=8, **flags)
+    run(data_dir, tmp_path / "part", max_steps=4, **flags)
+    rest = run(data_dir, tmp_path / "part", max_steps=8, resume=1, **flags)
+    assert [rest["losses"][s] for s in range(4, 8)] == [full["losses"][s] for s in range(4, 8)]
+    assert rest["val_losses"][8] == full["val_losses"][8]
+    sf, sr = state(full), state(rest)
+    assert all(torch.equal(sf[k].float(), sr[k].float()) for k in sf)
+    with pytest.raises(SystemExit, match="fp8_level"):  # a checkpoint of another level: a clear error
+        run(data_dir, tmp_path / "part", max_steps=9, resume=1, fp8_level=1 - level)
+    text = run(data_dir, tmp_path / "part", fp8_level=level, sample=1, sample_tokens=8, prompt="ROMEO:")
+    assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """poison(steps): the training forward of those steps returns a NaN loss."""
+    calls, bad = [0], set()
+    forward = M.GPT.forward
+
+    def poisoned(self, idx, targets=None):
+        logits, loss = forward(self, idx, targets)
+        if self.training:
+            calls[0] += 1
+            if calls[0] - 1 in bad:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(M.GPT, "forward", poisoned)
+    return bad.update
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_nan_batch_is_skipped(level, data_dir, tmp_path, poison, monkeypatch):
+    poison({3})
+    seen = {}
+    step_fn = TR.train_step
+
+    def checked(model, raw, opt, params, *a):  # weights and optimizer states untouched at step 3
+        step = len(seen)  # one call per step, from step 0
+        before = [t.clone() for t in list(raw.parameters()) + _opt_tensors(opt)]
+        out = step_fn(model, raw, opt, params, *a)
+        seen[step] = all(torch.equal(x, y) for x, y in zip(before, list(raw.parameters()) + _opt_tensors(opt)))
+        return out
+
+    monkeypatch.setattr(TR, "train_step", checked)
+    r = run(data_dir, tmp_path, fp8_level=level, max_steps=8)
+    assert r["n_skipped"] == 1 and np.isnan(r["losses"][3]) and np.isfinite([r["losses"][s] for s in (4, 7)]).all()
+    assert seen[3] and not seen[4]
+    assert all(torch.isfinite(p.float()).all() for p in r["model"].parameters())
+
+
+def _opt_tensors(opt):
+    return [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
+
+
+def test_consecutive_skips_stop_with_checkpoint_intact(data_dir, tmp_path, poison):
+    poison(set(range(5, 100)))
+    with pytest.raises(SystemExit, match="3 consecutive"):
+        run(data_dir, tmp_path, fp8_level=1, max_steps=20, eval_interval=4, max_skips=3)
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 4 and all(torch.isfinite(v.float()).all() for v in ck["model"].values() if torch.is_tensor(v))
+
+
+# ----------------------------------------------------------------------------------------------
+# DDP: 2 CPU processes (gloo) vs 1 process with the same global batch
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_ddp_two_processes_match_one(level, data_dir, tmp_path):
+    steps, tokens = 4, 2 * SMALL["batch_size"] * SMALL["block_size"]
+    flags = {**SMALL, "data_dir": data_dir, "fp8_level": level, "max_steps": steps, "total_batch_tokens": tokens}
+    argv = [f"--{k}={v}" for k, v in flags.items()]
+    one = TR.main(argv + [f"--out_dir={tmp_path / 'one'}"])["losses"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}  # torch references (see below)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(HERE, "train.py"), *argv, f"--out_dir={tmp_path / 'two'}"],
+                       env=env, cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    two = {r["step"]: r["loss"] for r in map(json.loads, open(tmp_path / "two" / "log.jsonl")) if r["type"] == "step"}
+    assert sorted(two) == list(range(steps))
+    np.testing.assert_allclose([two[s] for s in range(steps)], [one[s] for s in range(steps)],
+                               rtol=DDP_LOSS_RTOL[level])
+
+
+# Levels 1 and 2 learn as level 0 does (issue 9's fast check): the tiny model, same data, seed and
+# hyper-parameters, final val loss within CONV_REL_TOL of level 0's. Measured on 2 CPU cores
+# (150 steps): level 1 -0.2%, level 2 +0.12%; at 80 steps the runs are noisier, 2% keeps ~5x headroom
+# while a broken FP8 path (e.g. a wrong scale, a dropped gradient) lands far outside it.
+CONV_REL_TOL = 0.02
+
+
+def test_fp8_levels_track_bf16(data_dir, tmp_path):
+    val = {lvl: run(data_dir, tmp_path / f"l{lvl}", fp8_level=lvl, max_steps=80, eval_interval=80,
+                    eval_iters=8)["val_losses"][80] for lvl in (0, 1, 2)}
+    assert val[0] < 7.5  # it learned something (starts at 10.8)
+    for lvl in (1, 2):
+        assert abs(val[lvl] - val[0]) / val[0] < CONV_REL_TOL, val
+
+
+# =============================================================================================
+# multi-rank training: FP8 all-reduce in the trainer, FP8 ZeRO (level 3)
+# =============================================================================================
+
+SMALL_DIST = dict(preset="tiny", n_layer=2, n_head=2, n_embd=64, block_size=32, batch_size=4, eval_iters=2,
+             eval_interval=10, lr=3e-3, warmup_steps=2, min_lr_ratio=1.0, seed=7)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="NCCL variant: needs 2 CUDA GPUs (runs on 2xH200)"))]
+# 2 ranks x 1 micro-batch vs 1 process x 2 micro-batches, same global batch and weights at step 0. The
+# single process accumulates both micro-batches into one FP8 wgrad (one E4M3 re-quantization); the
+# 2 ranks quantize their own, then the FP8 all-reduce re-scales to the shared scale and re-quantizes
+# the mean: up to 2 extra E4M3 roundings (2^-4 relative each) per element, which Adam carries forward.
+# Measured over 6 steps (CPU): level 1 3.1e-5, level 2 1.5e-5 relative at most; >= 15x headroom, while
+# a wrong data shard or a missing reduction moves the loss by > 1e-2.
+DIST_LOSS_RTOL = {1: 5e-4, 2: 5e-4}
+# resumed at 1 rank (2 micro-batches) vs the 2-rank run, steps 11-13 after a step-10 checkpoint: the same
+# 1-vs-2-rank drift, compounding: measured 1.3e-5, 5e-6, 3.3e-4 (and 1e-3 by step 19); a lost or
+# misplaced optimizer state moves the loss by > 1e-2 within these steps.
+RESUME_LOSS_RTOL = 2e-3
+# level 3 vs level 2 on 2 ranks: the owners hold bitwise the all-reduce's result (test_comm), step the
+# same FP16 weights with the same states and cast the same FP8 weights; only the float64 sum order of
+# the grad norm differs (per-rank partial sums): measured bit-equal losses over 20 steps. 1e-6 leaves
+# room for a 1-ulp norm difference reaching the clip coefficient.
+LEVEL3_LOSS_RTOL = 1e-6
+
+
+def _argv(data_dir, out_dir, device, **flags) -> list:
+    args = {**SMALL_DIST, "device": device, "data_dir": data_dir, "out_dir": str(out_dir), **flags}
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def _poison_reduce(step: int) -> None:
+    """This process's FP8Comm.reduce of `step` first plants an E4M3 NaN in one FP8 weight grad."""
+    reduce, calls = TR.FP8Comm.reduce, [0]
+
+    def poisoned(self):
+        if calls[0] == step:
+            m = self.mods[1]
+            m.weight_grad_fp8.view(torch.uint8)[0, 0] = 0x7F  # E4M3 NaN
+            m.weight_grad_amax.fill_(float("nan"))  # as the wgrad GEMM's amax epilogue records it
+        calls[0] += 1
+        return reduce(self)
+
+    TR.FP8Comm.reduce = poisoned
+
+
+def torch_kernels() -> None:
+    """This process runs the kernels' torch references on CPU tensors (see the module docstring)."""
+    kernels.INTERPRET = False
+
+
+def _train_worker(rank: int, port: int, argv: list, out_dir: str, poison_step) -> None:
+    torch_kernels()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)  # 2 processes on 2 cores
+    if poison_step is not None and rank == 1:
+        _poison_reduce(poison_step)
+    r = TR.main(argv)
+    # what each rank computes with: FP8 weights (level 3: gathered from the owners) and the other params
+    m = r["model"]
+    held = {n: b.clone().cpu() for n, b in m.named_buffers() if n.endswith("weight_fp8")}
+    held.update({n: p.detach().clone().cpu() for n, p in m.named_parameters() if not hasattr(p, "_fp8_owner")})
+    torch.save(held, os.path.join(out_dir, f"held{rank}.pt"))
+
+
+def run2(data_dir, out_dir, device="cpu", poison_step=None, **flags) -> dict:
+    """train.py on 2 spawned ranks -> {losses, skipped, held: per-rank tensors, ckpt}."""
+    os.makedirs(out_dir, exist_ok=True)
+    mp.spawn(_train_worker, args=(_free_port(), _argv(data_dir, out_dir, device, **flags), str(out_dir), poison_step),
+             nprocs=WORLD, join=True)
+    recs = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
+    steps = [r for r in recs if r["type"] == "step"]
+    return dict(losses={r["step"]: r["loss"] for r in steps}, skipped=[r["step"] for r in steps if r["skipped"]],
+                mu=[r.get("mu") for r in steps], ckpt=os.path.join(out_dir, "ckpt.pt"),
+                held=[torch.load(os.path.join(out_dir, f"held{k}.pt")) for k in range(WORLD)])
+
+
+def _same_on_ranks(held: list) -> None:
+    assert held[0].keys() == held[1].keys()
+    for k in held[0]:
+        a, b = held[0][k], held[1][k]
+        assert torch.equal(a.view(torch.uint8) if a.dtype == E4M3 else a, b.view(torch.uint8) if b.dtype == E4M3 else b), k
+
+
+_RUNS: dict = {}
+
+
+def level_run(data_dir, tmp_path_factory, device: str, level: int) -> dict:
+    """The 20-step 2-rank run at a level, shared by the tests below (one per device and level)."""
+    if (device, level) not in _RUNS:
+        _RUNS[device, level] = run2(data_dir, tmp_path_factory.mktemp(f"l{level}{device}"), device,
+                                    fp8_level=level, max_steps=20)
+    return _RUNS[device, level]
+
+
+# ----------------------------------------------------------------------------------------------
+# FP8 all-reduce in the trainer (levels 1-2), FP8 ZeRO (level 3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("level", [1, 2])
+def test_fp8_allreduce_two_ranks_match_one_process(level, device, data_dir, tmp_path):
+    steps, tokens = 6, WORLD * SMALL_DIST["batch_size"] * SMALL_DIST["block_size"]
+    flags = dict(fp8_level=level, max_steps=steps, total_batch_tokens=tokens)
+    one = TR.main(_argv(data_dir, tmp_path / "one", device, **flags))["losses"]
+    two = run2(data_dir, tmp_path / "two", device, **flags)
+    assert sorted(two["losses"]) == list(range(steps)) and two["skipped"] == []
+    assert all(mu == 1.0 for mu in two["mu"])  # logged; nothing clipped here, so it stays at mu_init
+    np.testing.assert_allclose([two["losses"][s] for s in range(steps)], [one[s] for s in range(steps)],
+                               rtol=DIST_LOSS_RTOL[level])
+    _same_on_ranks(two["held"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_level3_matches_level2(device, data_dir, tmp_path_factory):
+    l2, l3 = (level_run(data_dir, tmp_path_factory, device, level) for level in (2, 3))
+    steps = sorted(l2["losses"])
+    assert steps == list(range(20)) and sorted(l3["losses"]) == steps and l3["skipped"] == []
+    np.testing.assert_allclose([l3["losses"][s] for s in steps], [l2["losses"][s] for s in steps],
+                               rtol=LEVEL3_LOSS_RTOL)
+    _same_on_ranks(l3["held"])  # every rank computes with the same (all-gathered) FP8 weights
+    for k, v in l2["held"][0].items():  # ... which are level 2's
+        assert torch.equal(v.view(torch.uint8) if v.dtype == E4M3 else v,
+                           l3["held"][0][k].view(torch.uint8) if v.dtype == E4M3 else l3["held"][0][k]), k
+    c2, c3 = (torch.load(r["ckpt"], weights_only=True) for r in (l2, l3))
+    for k, v in c2["model"].items():  # level 3's checkpoint gathered the owners' FP16 weights
+        if k.endswith(("weight", "bias")):  # the parameters (grad buffers are rank-local scratch)
+            torch.testing.assert_close(c3["model"][k].float(), v.float(), rtol=1e-3, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("level", [2, 3])
+def test_nonfinite_grad_on_one_rank_skips_on_both(level, device, data_dir, tmp_path):
+    r = run2(data_dir, tmp_path, device, poison_step=3, fp8_level=level, max_steps=6)
+    assert r["skipped"] == [3], r["skipped"]  # rank 0 logs: it skipped for rank 1's NaN
+    _same_on_ranks(r["held"])
+    assert all(torch.isfinite(v.float()).all() for v in r["held"][0].values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_level3_checkpoint_two_ranks_loads_at_one(device, data_dir, tmp_path, tmp_path_factory):
+    full = level_run(data_dir, tmp_path_factory, device, 3)  # 2 ranks, steps 0..19
+    part = run2(data_dir, tmp_path, device, fp8_level=3, max_steps=10)  # 2 ranks, checkpoint at 10
+    ck = torch.load(part["ckpt"], weights_only=True)
+    # the checkpoint is whole: every parameter's weight and optimizer state, keyed by name
+    cfg = TR.resolve(TR.parse_flags(_argv(data_dir, tmp_path, device, fp8_level=3, max_steps=20, resume=1)), device)
+    raw, _, opt, start, _ = TR.build(cfg, 1, device, part["ckpt"])
+    names = {p: n for n, p in raw.named_parameters()}
+    assert start == 10 and set(ck["optimizer"]["state"]) == set(names.values())
+    for p, st in opt.state.items():  # one rank owns everything and holds exactly the saved states
+        for k, v in st.items():
+            saved = ck["optimizer"]["state"][names[p]][k]
+            assert torch.equal(v.cpu().view(torch.uint8) if v.dtype == E4M3 else v.cpu(),
+                               saved.cpu().view(torch.uint8) if v.dtype == E4M3 else saved.cpu()), (names[p], k)
+    for n, p in raw.named_parameters():
+        assert torch.equal(p.detach().cpu(), ck["model"][n].cpu()), n
+    # and it trains on at 1 rank (2 micro-batches: the same global batch) as the 2-rank run did: step 10's
+    # loss is the forward of the loaded weights (equal); then the 1-vs-2-rank drift of the first test
+    tokens = WORLD * SMALL_DIST["batch_size"] * SMALL_DIST["block_size"]
+    rest = TR.main(_argv(data_dir, tmp_path, device, fp8_level=3, max_steps=14, resume=1,
+                         total_batch_tokens=tokens))["losses"]
+    np.testing.assert_allclose(rest[10], full["losses"][10], rtol=1e-6)
+    np.testing.assert_allclose([rest[s] for s in range(11, 14)], [full["losses"][s] for s in range(11, 14)],
+                               rtol=RESUME_LOSS_RTOL)
+
+
+def test_level3_flags():
+    with pytest.raises(ValueError, match="compile"):
+        TR.TrainConfig(fp8_level=3, compile=True)
+    assert TR.TrainConfig(fp8_level=3).fp8_level == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# comm.py's key collectives on the device (NCCL on 2 GPUs; gloo on CPU checks the same code)
+
+
+def _comm_worker(rank: int, port: int, device: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    env = comm.setup(device=device)
+    dev = env.device
+    try:
+        g = torch.Generator().manual_seed(10 + rank)
+        shapes = [(300, 48), (17, 16), (64, 80), (48, 32)]
+        xs = [(torch.randn(s, generator=g) * (rank + 1) * 10.0 ** -i).to(dev) for i, s in enumerate(shapes)]
+        # all-reduce: FP8 grads and a float one vs the FP32 mean (SQNR), identical bytes on both ranks
+        grads = [FP8Tensor.quantize(x) for x in xs[:3]] + [xs[3].clone()]
+        deq = [gr.dequantize() if isinstance(gr, FP8Tensor) else gr.clone() for gr in grads]
+        mean = [d.clone() for d in deq]
+        for m in mean:
+            dist.all_reduce(m)
+            m /= WORLD
+        red = comm.FP8AllReduce(WORLD, bucket_bytes=8000)  # several buckets
+        assert red(grads).item() == 0
+        for m, gr in zip(mean, grads):
+            out = gr.dequantize() if isinstance(gr, FP8Tensor) else gr
+            sqnr = 10 * torch.log10(m.double().pow(2).sum() / (m.double() - out.double()).pow(2).sum())
+            assert sqnr >= 25.0, sqnr  # test_comm.ALLREDUCE_SQNR_DB
+        flat = torch.cat([(gr.data.view(torch.uint8).float().flatten() if isinstance(gr, FP8Tensor)
+                           else gr.flatten()) for gr in grads])
+        both = [torch.empty_like(flat) for _ in range(WORLD)]
+        dist.all_gather(both, flat)
+        assert torch.equal(both[0], both[1])
+        # a NaN on one rank: found_inf on both
+        bad = [FP8Tensor.quantize(x) for x in xs[:3]]
+        if rank == 1:
+            bad[2].data.view(torch.uint8)[1, 1] = 0x7F
+        assert red(bad).item() == 1
+        # level 3: reduce to owners == all-reduce on the owner; FP8 weights all-gathered from the owners
+        part = comm.Fp8ZeroPartition([x.numel() for x in xs], WORLD)
+        gs = [FP8Tensor.quantize(x) for x in xs]
+        ref = [FP8Tensor(gr.data.clone(), gr.scale_inv.clone()) for gr in gs]
+        comm.FP8AllReduce(WORLD)(ref)
+        comm.FP8AllReduce(WORLD).reduce_to_owners(gs, part)
+        for i in part.owned[rank]:
+            assert torch.equal(gs[i].data.view(torch.uint8), ref[i].data.view(torch.uint8))
+            assert torch.equal(gs[i].scale_inv, ref[i].scale_inv)
+        ws = [FP8Tensor.quantize(torch.randn(s, generator=torch.Generator().manual_seed(i)).to(dev))
+              if part.owners[i] == rank else FP8Tensor(torch.zeros(s, dtype=E4M3, device=dev), torch.zeros(1, device=dev))
+              for i, s in enumerate(shapes)]
+        part.all_gather_weights(ws, rank)
+        for i, s in enumerate(shapes):
+            expect = FP8Tensor.quantize(torch.randn(s, generator=torch.Generator().manual_seed(i)).to(dev))
+            assert torch.equal(ws[i].data.view(torch.uint8), expect.data.view(torch.uint8))
+            assert torch.equal(ws[i].scale_inv, expect.scale_inv)
+    finally:
+        comm.teardown()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_comm_collectives_on_device(device):
+    mp.spawn(_comm_worker, args=(_free_port(), device), nprocs=WORLD, join=True)
