@@ -225,8 +225,9 @@ def _time_step_isolated(preset, B, T, level, compile_, graph, steps, profile=Fal
     if profile:
         print("\n".join(lines[:-1]))
     if res.returncode != 0 or not last.startswith("{"):
-        err = (res.stderr.strip().splitlines() or ["?"])[-1]
-        raise RuntimeError(err[:200])
+        tail = [l for l in res.stderr.strip().splitlines() if l.strip()][-12:] or ["?"]
+        print("\n".join("    | " + l[:200] for l in tail))
+        raise RuntimeError(tail[-1][:200])
     return json.loads(last)
 
 
@@ -238,7 +239,8 @@ def bench_step(args) -> dict:
         preset, B, T = STEP_SHAPES[name]
         base = None
         for label, level in STEP_VARIANTS:
-            for compile_, graph in ((True, True), (False, True)) if level == 0 else ((False, True), (True, True)):
+            for compile_, graph in ((True, True), (False, True)) if level == 0 else ((False, True), (True, True),
+                                                                                       (True, False)):
                 tag = f"{label}{' +compile' if compile_ else ''}{' +graph' if graph else ''}"
                 if args.variants and not any(v in tag for v in args.variants.split(",")):
                     continue

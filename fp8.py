@@ -78,7 +78,7 @@ class ScalingMeta(nn.Module):
         self.register_buffer("n_nonfinite", torch.zeros(1, dtype=torch.int64, device=device))
         self.register_buffer("stats", torch.zeros(2, dtype=torch.int32, device=device))  # this step: saturated, flushed to 0
         self.primed = False  # the very first cast scales by its own amax (no history yet)
-        self.numel = 0  # elements cast since the last read of the stats (host counter)
+        self.features = 0  # elements cast per token (set by the layer): stats are per token * features
 
     def get_extra_state(self):
         return {"primed": self.primed}
@@ -311,6 +311,7 @@ class FP8Linear(nn.Linear):
         self.weight.data = self.weight.data.to(weight_dtype)
         self.x_meta = ScalingMeta(E4M3, history_len, margin, device)
         self.g_meta = ScalingMeta(E5M2, history_len, margin, device)
+        self.x_meta.features, self.g_meta.features = in_features, out_features
         self.register_buffer("weight_grad_fp8", torch.zeros(out_features, in_features, dtype=E4M3, device=device))
         self.register_buffer("weight_grad_scale_inv", torch.zeros(1, device=device))  # 0 = no gradient yet
         self.register_buffer("weight_grad_amax", torch.zeros(1, device=device))
@@ -325,7 +326,7 @@ class FP8Linear(nn.Linear):
     def fp8_weight(self):
         """(w_fp8 (N, K), w_fp8_t (K, N), scale_inv). Weights change only at optimizer steps, so the
         cast is redone only after update_scaling(); under torch.compile it is redone every call."""
-        if self._weight_fp8_t is None or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or self._weight_fp8_t is None:  # no guard on the cache when compiled
             w_t = cast_weight(self.weight, self.weight_fp8, self.weight_scale_inv, self.weight_amax)
             if torch.compiler.is_compiling():
                 return self.weight_fp8, w_t, self.weight_scale_inv
@@ -341,10 +342,6 @@ class FP8Linear(nn.Linear):
             self.x_meta.prime(x)
         m, g = self.x_meta, self.g_meta
         record = self.training  # eval forwards must not steer the training scales
-        if record:
-            m.numel += x.numel()
-        if torch.is_grad_enabled():
-            g.numel += x.numel() // self.in_features * self.out_features
         # under torch.compile a model that was never run eagerly starts from scale 1 (as TE does)
         prime_g = not g.primed and not torch.compiler.is_compiling() and torch.is_grad_enabled()
         return _FP8LinearFn.apply(

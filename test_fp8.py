@@ -479,6 +479,22 @@ def test_torch_compile_traces_fp8_linear_without_graph_breaks(backend):
     assert torch.equal(g_compiled, fp8.fp8_grad(m[0].weight).dequantize())
 
 
+def test_compiled_fp8_model_does_not_recompile_every_step():
+    # a CUDA graph cannot capture a recompilation: after the first step (which primes the scales and
+    # so changes a guarded flag) steps, micro-batches, evals and scale updates must reuse the graph
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    m = nn.Sequential(fp8.FP8Linear(64, 128, device=DEV), nn.GELU(), fp8.FP8Linear(128, 64, device=DEV))
+    compiled = torch.compile(m, backend="aot_eager")
+    for _ in range(4):
+        for _ in range(2):  # micro-batches
+            compiled(torch.randn(32, 64, device=DEV)).pow(2).mean().backward()
+        fp8.update_scaling(m)
+        fp8.zero_fp8_grads(m)
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+
+
 # =============================================================================================
 # optimizer (optim.py): FP8AdamW, decoupled precision, fused step
 # =============================================================================================

@@ -195,16 +195,16 @@ def scaling_metas(model):
     return [m for m in model.modules() if isinstance(m, fp8.ScalingMeta)]
 
 
-def read_saturation(model) -> float:
-    """% of FP8-cast values saturated since the last call (all cast sites); resets the counters."""
+def read_saturation(model, n_tokens: int) -> float:
+    """% of FP8-cast values saturated over the last n_tokens training tokens of this rank (all cast
+    sites: each casts n_tokens * features values); resets the counters. No host counter runs in the
+    forward, so compiled and CUDA-graphed steps count the same."""
     metas = scaling_metas(model)
     if not metas:
         return 0.0
     n_sat = torch.stack([m.stats[0] for m in metas]).sum().item()
-    numel = sum(m.numel for m in metas)
-    for m in metas:
-        m.stats.zero_()
-        m.numel = 0
+    numel = n_tokens * sum(m.features for m in metas)
+    torch._foreach_zero_([m.stats for m in metas])
     return 100.0 * n_sat / max(numel, 1)
 
 
@@ -212,14 +212,14 @@ def read_saturation(model) -> float:
 def frozen_scaling(model):
     """Evaluation must not touch the delayed-scaling state (amax history, priming, stats)."""
     metas = scaling_metas(model)
-    saved = [({k: b.clone() for k, b in m.named_buffers()}, m.primed, m.numel) for m in metas]
+    saved = [({k: b.clone() for k, b in m.named_buffers()}, m.primed) for m in metas]
     try:
         yield
     finally:
-        for m, (bufs, primed, numel) in zip(metas, saved):
+        for m, (bufs, primed) in zip(metas, saved):
             for k, b in m.named_buffers():
                 b.copy_(bufs[k])
-            m.primed, m.numel = primed, numel
+            m.primed = primed
 
 
 class FP8Comm:
@@ -559,7 +559,6 @@ class GraphedStep:
         self.lr = torch.zeros((), device=device)
         for group in opt.param_groups:
             group["lr"] = self.lr  # read on device by the optimizer: the graph sees each step's LR
-        self.metas = [m for m in raw.modules() if isinstance(m, fp8.ScalingMeta)]
         self.graph, self.n_eager, self.stream = None, 0, torch.cuda.Stream()
 
     def __call__(self, xs, ys, lr: float):
@@ -574,16 +573,12 @@ class GraphedStep:
             return out
         if self.graph is None:
             self.xs, self.ys = xs.clone(), ys.clone()
-            numel0 = [m.numel for m in self.metas]
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):  # records only: the replay below runs this step
                 self.out = train_step(model, raw, opt, params, self.xs, self.ys, self.cfg, 1, self.device)
-            self.numel = [m.numel - n for m, n in zip(self.metas, numel0)]  # host counters of one step
         else:
             self.xs.copy_(xs, non_blocking=True)
             self.ys.copy_(ys, non_blocking=True)
-            for m, n in zip(self.metas, self.numel):
-                m.numel += n
         self.graph.replay()
         return self.out
 
@@ -663,7 +658,7 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device: str = "cpu") 
         consecutive = consecutive + 1 if skipped else 0
         mfu = fpt * total / dt / (peak * world) if peak else None
         log.step(step=step, loss=loss_v, lr=lr_at(step, cfg), ms=1e3 * dt, tok_s=total / dt, mfu=mfu,
-                 mem_gb=peak_mem_gb(device), sat=read_saturation(raw), grad_norm=norm_v, skipped=bool(skipped),
+                 mem_gb=peak_mem_gb(device), sat=read_saturation(raw, cfg.batch_size * cfg.block_size * accum), grad_norm=norm_v, skipped=bool(skipped),
                  n_skipped=n_skipped, mu=fp8_comm_mu(raw))
         if consecutive >= cfg.max_skips:
             raise Diverged(f"{consecutive} consecutive steps with non-finite loss or gradients: stopping at step "
