@@ -89,7 +89,7 @@ class ScalingMeta(nn.Module):
     @torch.no_grad()
     def prime(self, x: torch.Tensor) -> None:
         """First use: a just-in-time scale from x itself, so step 0 does not saturate."""
-        amax = kernels.amax_into(x.detach().reshape(-1).contiguous(), torch.zeros_like(self.scale))
+        amax = amax_into(x.detach().reshape(-1).contiguous(), torch.zeros_like(self.scale))  # op when compiled
         self.scale.copy_(amax_to_scale(amax, self.fp8_dtype, self.margin, self.scale))
         self.scale_inv.copy_(1.0 / self.scale)
         self.primed = True
