@@ -12,7 +12,8 @@ FP8-LM (arXiv 2310.18313) section 2.2 and Algorithm 1:
   - greedy allocation of whole tensors to ranks (Algorithm 1) and an owner-ordered layout for level 3.
 
 Usage: env = setup(); red = FP8AllReduce(env.world_size); found_inf = red(grads); teardown()
-Tests: test_comm.py (2 CPU processes, gloo). Benchmark: scratch/bench_comm.py (torchrun, 2 GPUs).
+Tests: test_fp8.py, communication section (2 CPU processes, gloo; NCCL variants on 2 GPUs).
+Benchmark: torchrun --standalone --nproc_per_node=2 bench.py comm.
 """
 import heapq
 import math

@@ -803,8 +803,7 @@ def random_step_args(dtypes, master: bool, device: str, sizes=(1, 17, 1000, 3000
 
 def kernel_vs_ref(device: str):
     """Bit-exact, in the interpreter and on the GPU: the kernel rounds every fp32 operation as the reference
-    does (div_rn, sqrt_rn, and no FMA contraction: enable_fp_fusion=False). scratch/gpu_check_optim.py
-    explains any difference against a float64 model."""
+    does (div_rn, sqrt_rn, and no FMA contraction: enable_fp_fusion=False)."""
     for dtypes, master in [((E4M3, F16, E4M3, F16), False), ((E4M3, F16, E4M3, F16), True),
                            ((E4M3, F16, F32, F32), False), ((F32, F32, F32, F32), False)]:
         args = random_step_args(dtypes, master, device)
@@ -1455,7 +1454,7 @@ DIST_LOSS_RTOL = {1: 5e-4, 2: 5e-4}
 # 1-vs-2-rank drift, compounding: measured 1.3e-5, 5e-6, 3.3e-4 (and 1e-3 by step 19); a lost or
 # misplaced optimizer state moves the loss by > 1e-2 within these steps.
 RESUME_LOSS_RTOL = 2e-3
-# level 3 vs level 2 on 2 ranks: the owners hold bitwise the all-reduce's result (test_comm), step the
+# level 3 vs level 2 on 2 ranks: the owners hold bitwise the all-reduce's result (communication tests), step the
 # same FP16 weights with the same states and cast the same FP8 weights; only the float64 sum order of
 # the grad norm differs (per-rank partial sums): measured bit-equal losses over 20 steps. 1e-6 leaves
 # room for a 1-ulp norm difference reaching the clip coefficient.
@@ -1635,7 +1634,7 @@ def _comm_worker(rank: int, port: int, device: str) -> None:
         for m, gr in zip(mean, grads):
             out = gr.dequantize() if isinstance(gr, FP8Tensor) else gr
             sqnr = 10 * torch.log10(m.double().pow(2).sum() / (m.double() - out.double()).pow(2).sum())
-            assert sqnr >= 25.0, sqnr  # test_comm.ALLREDUCE_SQNR_DB
+            assert sqnr >= ALLREDUCE_SQNR_DB, sqnr
         flat = torch.cat([(gr.data.view(torch.uint8).float().flatten() if isinstance(gr, FP8Tensor)
                            else gr.flatten()) for gr in grads])
         both = [torch.empty_like(flat) for _ in range(WORLD)]
