@@ -51,9 +51,7 @@ def _update_rows(hist, scale, scale_inv, n_nonfinite, fmax_exp, fmax_mant, margi
     n_nonfinite += bad.long()
     hist[:, :1] = torch.where(bad, torch.zeros_like(cur), cur)  # a NaN/Inf amax never enters the history
     amax = hist.amax(dim=1, keepdim=True)
-    b = amax.view(torch.int32)
-    k = (fmax_exp - (((b >> 23) & 0xFF) - 127) - ((b & 0x7FFFFF) > fmax_mant).int() - margin).clamp(-126, 126)
-    new = ((k + 127) << 23).view(torch.float32)  # 2^k, same integer recipe as the kernels
+    new = kernels.pow2_scale_bits(amax, fmax_exp, fmax_mant, margin)  # same integer recipe as the kernels
     keep = bad | ~(torch.isfinite(amax) & (amax > 0))
     scale.copy_(torch.where(keep, scale, new))
     scale_inv.copy_(1.0 / scale)

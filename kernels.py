@@ -165,14 +165,18 @@ def fmax_bits(fp8_dtype: torch.dtype):
     return ((b >> 23) & 0xFF) - 127, b & 0x7FFFFF
 
 
+def pow2_scale_bits(amax: torch.Tensor, fmax_exp, fmax_mant, margin) -> torch.Tensor:
+    """Torch twin of _pow2_scale for float32 amax of any shape; fmax_exp, fmax_mant, margin are ints or
+    int32 tensors that broadcast against it (one row per format). 1.0 where amax is 0 or non-finite."""
+    b = amax.view(torch.int32)
+    k = (fmax_exp - (((b >> 23) & 0xFF) - 127) - ((b & 0x7FFFFF) > fmax_mant).int() - margin).clamp(-126, 126)
+    scale = ((k + 127) << 23).view(torch.float32)
+    return torch.where(torch.isfinite(amax) & (amax > 0), scale, torch.ones_like(scale))
+
+
 def pow2_scale_ref(amax: torch.Tensor, fp8_dtype: torch.dtype, margin: int = 0) -> torch.Tensor:
     """Torch twin of _pow2_scale: float32 (1,), 1.0 where amax is 0 or non-finite."""
-    a = amax.float().reshape(1)
-    b = a.view(torch.int32)
-    fe, fm = fmax_bits(fp8_dtype)
-    k = (fe - (((b >> 23) & 0xFF) - 127) - ((b & 0x7FFFFF) > fm).int() - margin).clamp(-126, 126)
-    scale = ((k + 127) << 23).view(torch.float32)
-    return torch.where(torch.isfinite(a) & (a > 0), scale, torch.ones_like(scale))
+    return pow2_scale_bits(amax.float().reshape(1), *fmax_bits(fp8_dtype), margin)
 
 
 def cast_to_fp8_ref(x, fp8_dtype, scale, amax=None, transpose=False, pad_t=1, stats=None, out=None,
