@@ -6,12 +6,15 @@ bench.py: speed of the nanoFP8 pieces against BF16 and peers, side by side in on
   python bench.py linear    FP8Linear fwd+bwd (3 FP8 GEMMs, casts, FP8 weight grad) vs BF16 nn.Linear
   python bench.py step --presets 124m 1.3b   train.py's whole training step per level vs BF16 (compiled)
   python bench.py optim memory               FP8AdamW step vs torch AdamW(fused); bytes/param per level
+  python bench.py attn      FP8 causal attention fwd and fwd+bwd vs BF16 SDPA (flash), T 1024..8192, hs 64/128
   torchrun --standalone --nproc_per_node=2 bench.py comm   FP8 all-reduce vs NCCL BF16/FP32
 
 Each prints a header (GPU, versions), a fixed-width table, and one JSON line last (also written to
 --json FILE when given). Times are medians of triton.testing.do_bench (CUDA events).
 """
 import argparse
+import gc
+import importlib.util
 import json
 import os
 import statistics
@@ -30,7 +33,7 @@ import fp8  # noqa: E402
 import kernels  # noqa: E402
 import optim  # noqa: E402
 from fp8 import FP8Tensor  # noqa: E402
-from kernels import E4M3  # noqa: E402
+from kernels import E4M3, E5M2  # noqa: E402
 
 GEMM_SHAPES = [(8192, 8192, 8192)] + [(16384, n, k) for n, k in [
     (768, 3072), (3072, 768), (2304, 768), (8192, 2048), (2048, 8192), (6144, 2048), (16384, 4096), (4096, 16384)]]
@@ -116,7 +119,42 @@ def bench_cast(args) -> dict:
             rows.append(r)
             label = name + (" +T" if transpose else "")
             print(f"{label:<28} {t:7.3f} {r['gbs']:7.0f} {100 * r['frac_copy']:6.1f}%", flush=True)
-    return {"copy_gbs": copy_gbs, "rows": rows}
+    return {"copy_gbs": copy_gbs, "rows": rows, "model": _cast_model_shapes(copy_gbs)}
+
+
+CAST_TILES = [(64, 128, 8), (32, 128, 4), (64, 64, 4), (128, 64, 4)]
+
+
+def _cast_model_shapes(copy_gbs: float) -> list:
+    """The casts of one transformer layer's four linears as the model issues them (input: E4M3 +T + amax;
+    grad_output: E5M2 +T + amax + bias colsum; + stats when monitoring), per tile config: % of copy bandwidth."""
+    sizes = {"124m": (768, [768, 768, 768, 3072], [2304, 768, 3072, 768]),
+             "1.3b": (2048, [2048, 2048, 2048, 8192], [6144, 2048, 8192, 2048])}
+    M, rows, tiles0 = 16384, [], (kernels.CAST_TILE, kernels.CAST_TILE_COLSUM)
+    print(f"\nmodel casts (M={M}): time of one layer's casts, % of copy bandwidth, per tile (BM, BN, warps)")
+    for name, (C, xs, gs) in sizes.items():
+        cases = [(torch.randn(M, k, device="cuda", dtype=torch.bfloat16), E4M3, False) for k in xs] + \
+                [(torch.randn(M, n, device="cuda", dtype=torch.bfloat16) * 1e-3, E5M2, True) for n in gs]
+        moved = sum(x.numel() * 4 for x, _, _ in cases)  # read 2 B, write 1 B + 1 B transposed
+        for variant in ("+T+amax", "+T+amax+colsum", "+T+amax+colsum+stats"):
+            for tile in CAST_TILES:
+                kernels.CAST_TILE = kernels.CAST_TILE_COLSUM = tile
+                fns = []
+                for x, dt, bias in cases:
+                    scale, amax, stats = torch.ones(1, device="cuda"), torch.zeros(1, device="cuda"), \
+                        torch.zeros(2, dtype=torch.int32, device="cuda")
+                    cs = torch.empty(x.shape[1], device="cuda") if bias and "colsum" in variant else None
+                    fns.append(lambda x=x, dt=dt, s=scale, a=amax if "amax" in variant else None,
+                               st=stats if "stats" in variant else None, cs=cs, T=variant != "plain":
+                               kernels.cast_to_fp8(x, dt, s, a, T, 16, st, colsum_out=cs))
+                graph = cuda_graph(lambda: [f() for f in fns])  # 8 launches: time the GPU, not the host
+                t = median_ms(graph.replay, rep=50)
+                bytes_ = moved if variant != "plain" else moved * 3 // 4
+                r = {"preset": name, "variant": variant, "tile": tile, "ms": t, "frac_copy": bytes_ / t / 1e6 / copy_gbs}
+                rows.append(r)
+                print(f"{name:<5} {variant:<6} tile {str(tile):<15} {t:7.3f} ms {100 * r['frac_copy']:6.1f}%", flush=True)
+    kernels.CAST_TILE, kernels.CAST_TILE_COLSUM = tiles0
+    return rows
 
 
 def cuda_graph(fn, warmup=3):
@@ -164,18 +202,32 @@ def bench_linear(args) -> dict:
 
 
 STEP_SHAPES = {"124m": ("gpt2-124m", 16, 1024), "350m": ("gpt2-350m", 16, 1024), "1.3b": ("gpt-1.3b", 8, 2048)}
-STEP_VARIANTS = [("bf16 (level 0)", 0), ("fp8 level 1", 1), ("fp8 level 2", 2)]
+STEP_VARIANTS = [("bf16 (level 0)", 0), ("fp8 level 1", 1), ("fp8 level 2", 2), ("torchao fp8 tensorwise", -1)]
+
+
+STEP_TIMEOUT_S = int(os.environ.get("NANOFP8_STEP_TIMEOUT", 900))  # one variant's process (compile included)
+TORCHAO = -1  # the "level" of the peer variant: train.py's BF16 model with torchao's float8 linears
+
+
+def _torchao_float8(raw):
+    """Swap train.py's BF16 linears (all but the LM head, as ours) for torchao's tensorwise float8 ones."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    keep = lambda m, fqn: "lm_head" not in fqn and m.in_features % 16 == 0 and m.out_features % 16 == 0
+    convert_to_float8_training(raw, config=Float8LinearConfig.from_recipe_name("tensorwise"), module_filter_fn=keep)
+    return raw
 
 
 def _time_step(preset, B, T, level, compile_, graph, steps, profile=False):
     """Build exactly what train.py builds, time its training step on fixed random tokens."""
     import train as TR
     torch.manual_seed(0)
-    flags = dict(preset=preset, fp8_level=level, batch_size=B, block_size=T, compile=compile_, cuda_graph=graph,
-                 max_steps=10 ** 6, warmup_steps=10)
+    flags = dict(preset=preset, fp8_level=max(level, 0), batch_size=B, block_size=T, compile=compile_ and level >= 0,
+                 cuda_graph=graph, max_steps=10 ** 6, warmup_steps=10)
     cfg = TR.resolve(flags, "cuda")
     torch.cuda.reset_peak_memory_stats()
     raw, model, opt, _, _ = TR.build(cfg, 1, "cuda", "")
+    if level == TORCHAO:  # the peer: same model and optimizer, its float8 linears, then compiled
+        model = torch.compile(_torchao_float8(raw)) if compile_ else _torchao_float8(raw)
     params = [p for p in raw.parameters() if p.requires_grad]
     xs = torch.randint(0, raw.config.vocab_size, (1, B, T), device="cuda")
     ys = torch.randint(0, raw.config.vocab_size, (1, B, T), device="cuda")
@@ -188,9 +240,11 @@ def _time_step(preset, B, T, level, compile_, graph, steps, profile=False):
             g["lr"] = TR.lr_at(i, cfg)
         return TR.train_step(model, raw, opt, params, xs, ys, cfg, 1, "cuda")
 
+    t_start = time.perf_counter()
     for i in range(5):  # eager warm-up (autotune, compile), capture, first replays
         loss = step(i)[0]
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        print(f"  warm-up step {i} done at {time.perf_counter() - t_start:.0f} s", file=sys.stderr, flush=True)
     times = []
     for i in range(steps):
         t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -208,7 +262,7 @@ def _time_step(preset, B, T, level, compile_, graph, steps, profile=False):
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
     r = {"ms": ms, "tok_s": B * T / ms * 1e3, "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
-         "loss": loss.item(), "mfu": raw.flops_per_token(T) * B * T / (ms / 1e3) / TR.peak_flops("cuda", level)}
+         "loss": loss.item(), "mfu": raw.flops_per_token(T) * B * T / (ms / 1e3) / TR.peak_flops("cuda", max(level, 0))}
     del raw, model, opt, params, stepper
     torch.cuda.empty_cache()
     return r
@@ -219,7 +273,12 @@ def _time_step_isolated(preset, B, T, level, compile_, graph, steps, profile=Fal
     import subprocess
     cmd = [sys.executable, __file__, "_step1", "--presets", preset, "--steps", str(steps),
            "--one", f"{B},{T},{level},{int(compile_)},{int(graph)},{int(profile)}"]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=STEP_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:  # say how far it got (stderr has the warm-up stamps)
+        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        print("\n".join("    | " + l[:200] for l in err.strip().splitlines()[-6:]))
+        raise RuntimeError(f"timed out after {STEP_TIMEOUT_S} s") from None
     lines = res.stdout.strip().splitlines()
     last = lines[-1] if lines else ""
     if profile:
@@ -239,8 +298,11 @@ def bench_step(args) -> dict:
         preset, B, T = STEP_SHAPES[name]
         base = None
         for label, level in STEP_VARIANTS:
-            for compile_, graph in ((True, True), (False, True)) if level == 0 else ((False, True), (True, True),
-                                                                                       (True, False)):
+            if level == TORCHAO and importlib.util.find_spec("torchao") is None:
+                print(f"{name:<6} {label:<26} skipped: torchao is not installed (optional peer)")
+                continue
+            modes = {0: ((True, True), (False, True)), TORCHAO: ((True, True), (True, False))}
+            for compile_, graph in modes.get(level, ((False, True), (True, True), (True, False))):
                 tag = f"{label}{' +compile' if compile_ else ''}{' +graph' if graph else ''}"
                 if args.variants and not any(v in tag for v in args.variants.split(",")):
                     continue
@@ -255,10 +317,6 @@ def bench_step(args) -> dict:
                 out[f"{name}/{tag}"] = r
                 print(f"{name:<6} {tag:<26} {r['ms']:8.1f} {r['tok_s']:9.0f} {100 * r['mfu']:4.0f}% {r['peak_gb']:8.1f} "
                       f"{r['vs_bf16']:7.2f}x", flush=True)
-    try:
-        import torchao  # noqa: F401  (optional peer)
-    except ImportError:
-        print("torchao is not installed here: its float8 training was not measured in this run")
     return out
 
 
@@ -272,22 +330,27 @@ def _step1(args):
 # optimizer step and memory (issue 4)
 
 SHAPES = {"124M": dict(n_layer=12, n_embd=768, vocab=50304, ctx=1024),
-          "1.3B": dict(n_layer=24, n_embd=2048, vocab=50304, ctx=2048)}
+          "1.3B": dict(n_layer=24, n_embd=2048, vocab=50304, ctx=2048),
+          "tiny": dict(n_layer=2, n_embd=64, vocab=512, ctx=64)}  # memory --device=cpu: a quick sanity check
 
 
-def optim_param_set(name: str, level: int, device: str = "cuda") -> tuple:
-    """-> (linears, others): the model's linear layers (FP8Linear at level >= 1) and its other params."""
+def model_linears(name: str, level: int, device: str = "cuda") -> list:
+    """train.py's GPT linear layers, without bias (it counts with the rest): FP8Linear at level >= 1 (FP16
+    weight), FP32 nn.Linear at level 0 (autocast computes in BF16)."""
+    C, L = SHAPES[name]["n_embd"], SHAPES[name]["n_layer"]
+    make = (lambda i, o: nn.Linear(i, o, bias=False, device=device)) if level == 0 else \
+        (lambda i, o: fp8.FP8Linear(i, o, bias=False, device=device))
+    return [make(i, o) for _ in range(L) for i, o in ((C, 3 * C), (C, C), (C, 4 * C), (4 * C, C))]  # qkv, proj, fc, proj
+
+
+def model_others(name: str, device: str = "cuda") -> list:
+    """Every other GPT param, FP32 at every level: wte (tied LM head), wpe, the linears' biases, norms."""
     cfg = SHAPES[name]
-    C = cfg["n_embd"]
-    lin_cls = (lambda i, o: nn.Linear(i, o, device=device)) if level == 0 else \
-        (lambda i, o: fp8.FP8Linear(i, o, device=device))
-    linears = []
-    for _ in range(cfg["n_layer"]):
-        linears += [lin_cls(C, 3 * C), lin_cls(C, C), lin_cls(C, 4 * C), lin_cls(4 * C, C)]  # qkv, proj, fc, proj
-    others = [nn.Parameter(torch.randn(cfg["vocab"], C, device=device) * 0.02),  # wte (tied head)
-              nn.Parameter(torch.randn(cfg["ctx"], C, device=device) * 0.02)]  # wpe
-    others += [nn.Parameter(torch.ones(C, device=device)) for _ in range(4 * cfg["n_layer"] + 2)]  # ln w, b
-    return linears, others
+    C, L = cfg["n_embd"], cfg["n_layer"]
+    ps = [torch.randn(cfg["vocab"], C, device=device) * 0.02, torch.randn(cfg["ctx"], C, device=device) * 0.02]
+    ps += [torch.zeros(n * C, device=device) for _ in range(L) for n in (3, 1, 4, 1)]  # biases
+    ps += [torch.ones(C, device=device) for _ in range(4 * L + 2)]  # layer norm weights and biases
+    return [nn.Parameter(p) for p in ps]
 
 
 def fill_grads(linears: list, others: list) -> None:
@@ -299,21 +362,15 @@ def fill_grads(linears: list, others: list) -> None:
             m.weight_grad_scale_inv.copy_(q.scale_inv)
         else:
             m.weight.grad = g
-        m.bias.grad = torch.randn_like(m.bias) * 1e-3
     for p in others:
         p.grad = torch.randn_like(p) * 1e-3
 
 
-def split_params(linears: list, others: list) -> tuple:
-    w = [m.weight for m in linears]
-    rest = [m.bias for m in linears] + others
-    return w, rest
-
-
-def step_bytes(level: int, n_lin: int, n_rest: int) -> int:
-    """Bytes one step must read + write. FP8 weights (level 2): grad 1 + w 2+2 + m1 1+1 + m2 2+2 = 11;
-    level 1: 1 + 2+2 + 4+4 + 4+4 = 21; FP32 params (and level 0): g 4 + w 4+4 + m1 4+4 + m2 4+4 = 28."""
-    per_lin = {0: 28, 1: 21, 2: 11}[level]
+def step_bytes(level: int, n_lin: int, n_rest: int, w8: bool = True) -> int:
+    """Bytes one step must read + write. FP8 weights (level 2): grad 1 + w 2+2 + m1 1+1 + m2 2+2 = 11, + the
+    FP8 weight and its transpose (w8) 1+1; level 1: 1 + 2+2 + 4+4 + 4+4 = 21 (+2);
+    FP32 params (and level 0): g 4 + w 4+4 + m1 4+4 + m2 4+4 = 28."""
+    per_lin = {0: 28, 1: 21, 2: 11}[level] + (2 if level and w8 else 0)
     return per_lin * n_lin + 28 * n_rest
 
 
@@ -324,45 +381,55 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * 4 / ms / 1e6  # GB/s (read + write)
 
 
+def _kernel_rows(name: str, level: int, opt, args) -> list:
+    """The FP8 bucket's fused kernel alone (prep ops excluded): block x warps, then the old FP8 conversion,
+    then without the FP8 weight write (its cost). Predicted weight scale 2^8: far from saturating (no re-cast)."""
+    b = next(b for b in opt._buckets[0] if b.is_fp8)
+    gs, g_si, _ = b.grads()
+    n, n_lin = len(b.params), sum(p.numel() for p in b.params)
+    meta = torch.ones(optim.N_META, n, device="cuda")
+    meta[optim.G_SI], meta[optim.STEP_SIZE], meta[optim.W_SCALE] = g_si, 1e-4, 2.0 ** 8
+    hp = dict(beta1=0.9, one_minus_beta1=0.1, beta2=0.95, one_minus_beta2=0.05, eps=1e-8)
+    recasts = torch.zeros(n, device="cuda")
+    variants = [(blk, wp, optim.ADAM_FAST_FP8, True) for blk in args.blocks for wp in args.warps]
+    variants += [(optim.ADAM_BLOCK, optim.ADAM_WARPS, not optim.ADAM_FAST_FP8, True),
+                 (optim.ADAM_BLOCK, optim.ADAM_WARPS, optim.ADAM_FAST_FP8, False)]
+    rows = []
+    for block, warps, fast, w8 in variants:
+        amax, w8s = torch.zeros(3 if w8 else 2, n, device="cuda"), b.w8() if w8 else None
+        g = cuda_graph(lambda: optim.fused_adam_step(b.params, gs, b._m1s, b._m2s, None, meta, amax, hp, block,
+                                                     w8s, recasts, warps, fast))
+        kms = triton.testing.do_bench(g.replay, warmup=10, rep=200)
+        what = f"  kernel L{level}, {warps} warps, {'fast' if fast else 'soft'} cvt{'' if w8 else ', no FP8 w'}"
+        rows.append(dict(params=name, what=what, block=block, ms=kms,
+                         GBps=step_bytes(level, n_lin, 0, w8) / kms / 1e6, n=n_lin))
+    assert recasts.sum().item() == 0, "a kernel-alone run re-cast its FP8 weights: its timing is not the usual path"
+    return rows
+
+
 def bench_optim(args) -> dict:
-    """Step time (median ms) and achieved GB/s: FP8AdamW at levels 1/2 (full step and the fused kernel
-    alone, over block sizes) vs torch.optim.AdamW(fused=True) on FP32 copies of the same shapes."""
+    """Step time (median ms) and achieved GB/s: FP8AdamW at levels 1/2 (full step, and the fused kernel alone
+    over variants) vs torch.optim.AdamW(fused=True) on FP32 params of the same shapes. Every step is a CUDA-graph
+    replay, as train.py --cuda_graph=1 runs it: GPU time, no host launch cost (~0.2 ms per eager FP8 step)."""
     rows, copy_bw = [], copy_bandwidth()
     for name in args.sizes:
         for level in (0, 1, 2):
-            linears, others = optim_param_set(name, level)
-            w, rest = split_params(linears, others)
-            n_lin, n_rest = sum(p.numel() for p in w), sum(p.numel() for p in rest)
+            linears, others = model_linears(name, level), model_others(name)
+            w = [m.weight for m in linears]
+            n_lin, n_rest = sum(p.numel() for p in w), sum(p.numel() for p in others)
             fill_grads(linears, others)
             if level == 0:
-                opt = torch.optim.AdamW(w + rest, lr=1e-4, fused=True)
+                opt = torch.optim.AdamW(w + others, lr=1e-4, fused=True, capturable=True)
                 label = "torch AdamW(fused=True)"
             else:
-                opt = optim.FP8AdamW(w + rest, lr=1e-4, **optim.LEVEL_DTYPES[level])
+                opt = optim.FP8AdamW(w + others, lr=1e-4, **optim.LEVEL_DTYPES[level])
                 label = f"FP8AdamW level {level}"
-            opt.step()
-            ms = triton.testing.do_bench(opt.step, warmup=10, rep=200)
-            nbytes = step_bytes(level, n_lin, n_rest)
+            ms = triton.testing.do_bench(cuda_graph(opt.step).replay, warmup=10, rep=200)
             rows.append(dict(params=name, what=label, block=optim.ADAM_BLOCK if level else 0, ms=ms,
-                             GBps=nbytes / ms / 1e6, n=n_lin + n_rest))
-            if level:  # the FP8 bucket's kernel alone, over block sizes (prep ops excluded)
-                b = next(b for b in opt._buckets[0] if b.is_fp8)
-                gs, g_si, has = b.grads()
-                meta = torch.zeros(optim.N_META, len(b.params), device="cuda")
-                meta[optim.G_SI], meta[optim.ACTIVE], meta[optim.STEP_SIZE], meta[optim.BC2_SQRT] = g_si, 1, 1e-4, 1
-                for row in (optim.M1_SI, optim.M1_SCALE, optim.M1_SI_NEW, optim.M2_SI, optim.M2_SCALE, optim.M2_SI_NEW,
-                            optim.DECAY):
-                    meta[row] = 1
-                amax = torch.zeros(2, len(b.params), device="cuda")
-                hp = dict(beta1=0.9, one_minus_beta1=0.1, beta2=0.95, one_minus_beta2=0.05, eps=1e-8)
-                nb = step_bytes(level, n_lin, 0)
-                for block in args.blocks:
-                    fn = lambda: optim.fused_adam_step(b.params, gs, b._m1s, b._m2s, None, meta, amax, hp, block)  # noqa: E731
-                    fn()
-                    kms = triton.testing.do_bench(fn, warmup=10, rep=200)
-                    rows.append(dict(params=name, what=f"  fused kernel, FP8 weights only, level {level}", block=block,
-                                     ms=kms, GBps=nb / kms / 1e6, n=n_lin))
-            del opt, linears, others
+                             GBps=step_bytes(level, n_lin, n_rest) / ms / 1e6, n=n_lin + n_rest))
+            rows += _kernel_rows(name, level, opt, args) if level else []
+            del opt, linears, others, w
+            gc.collect()  # FP8Linear and torch's optimizers sit in reference cycles
             torch.cuda.empty_cache()
     print(f"{'params':<6} {'what':<44} {'block':>5} {'ms':>8} {'GB/s':>7} {'% copy':>6} {'Mparams':>8}")
     for r in rows:
@@ -371,37 +438,63 @@ def bench_optim(args) -> dict:
     return dict(bench="optim", copy_GBps=copy_bw, rows=rows)
 
 
+def allocated(device: str) -> int:
+    """Bytes held by tensors now: CUDA, the caching allocator's count; CPU, the distinct storages of all live
+    tensors (a census through the garbage collector's list). gc.collect() first: FP8Linear (weight._fp8_owner)
+    and torch's optimizers sit in reference cycles, so `del` leaves a previous level's tensors alive until the
+    collector happens to run, in the middle of a later measurement (the negative reading at 124M level 1)."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+    storages = {}
+    for o in gc.get_objects():
+        if issubclass(type(o), torch.Tensor) and o.device.type == "cpu":  # type(): no deprecated __class__ warnings
+            storages[o.untyped_storage().data_ptr()] = o.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def measure_memory(name: str, level: int, device: str) -> dict:
+    """Measured bytes of weights + grads + optimizer states at one level (allocator deltas, nothing computed
+    from dtypes): the linears are built, run forward + backward (grads as training makes them; the
+    activations die with the graph), given their optimizer (train.make_optimizer) and stepped; then their
+    FP8 weight copies are dropped (what that frees is their size); then the same for the other params."""
+    import train as TR
+    cfg = TR.TrainConfig(fp8_level=level, lr=1e-4)
+    a0 = allocated(device)
+    linears = model_linears(name, level, device)
+    for m in linears:
+        with torch.autocast(device, dtype=torch.bfloat16):
+            m(torch.randn(16, m.in_features, device=device)).float().sum().backward()
+    opt = TR.make_optimizer(nn.ModuleList(linears), cfg, device)
+    opt.step()
+    a1 = allocated(device)
+    for m in linears if level else ():
+        m.weight_fp8, m._weight_fp8_t = torch.empty(0, dtype=fp8.E4M3, device=device), None
+    a2 = allocated(device)
+    others = model_others(name, device)
+    fill_grads([], others)
+    opt_rest = TR.make_optimizer(nn.ParameterList(others), cfg, device)
+    opt_rest.step()
+    a3 = allocated(device)
+    n_lin, n_rest = sum(m.weight.numel() for m in linears), sum(p.numel() for p in others)
+    return dict(params=name, level=level, lin_B_per_param=(a2 - a0) / n_lin, copies_B_per_param=(a1 - a2) / n_lin,
+                rest_B_per_param=(a3 - a2) / n_rest, all_B_per_param=(a3 - a0) / (n_lin + n_rest),
+                n_lin=n_lin, n_all=n_lin + n_rest)
+
+
 def bench_memory(args) -> dict:
-    """Measured bytes/param (torch.cuda.memory_allocated deltas) of weights + grads + optimizer states,
-    for the linear weights alone (the FP8 part) and for all params, at levels 0, 1, 2."""
-    rows = []
-    for name in args.sizes:
-        for level in (0, 1, 2):
-            torch.cuda.empty_cache()
-            base = torch.cuda.memory_allocated()
-            linears, others = optim_param_set(name, level)
-            w, rest = split_params(linears, others)
-            fill_grads(linears, others)
-            if level == 0:
-                opt = torch.optim.AdamW(w, lr=1e-4, fused=True)
-                opt.step()  # torch allocates its states lazily
-            else:
-                opt = optim.FP8AdamW(w, lr=1e-4, **optim.LEVEL_DTYPES[level])
-            lin_bytes = torch.cuda.memory_allocated() - base
-            # the rest (biases, norms, embeddings) in FP32 with FP32 states at every level
-            opt2 = torch.optim.AdamW(rest, lr=1e-4, fused=True) if level == 0 else optim.FP8AdamW(rest, lr=1e-4)
-            opt2.step()
-            all_bytes = torch.cuda.memory_allocated() - base
-            n_lin, n_all = sum(p.numel() for p in w), sum(p.numel() for p in w + rest)
-            # what is not params: FP8Linear biases and scaling metas count in the linear delta (tiny)
-            rows.append(dict(params=name, level=level, lin_B_per_param=lin_bytes / n_lin,
-                             all_B_per_param=all_bytes / n_all, n_lin=n_lin, n_all=n_all))
-            del opt, opt2, linears, others, w, rest
-    print(f"{'params':<6} {'level':>5} {'linear B/param':>14} {'all B/param':>11} {'linear M':>9} {'all M':>7}")
+    """Measured bytes/param of weights + grads + optimizer states per level: the linear weights (FP8 at levels
+    >= 1; target <= 6 at level 2, 16 at level 0), their FP8 weight copies (forward and dgrad GEMM operands),
+    the other params, and all of it together (copies included). --device=cpu: the same on CPU."""
+    device = "cpu" if args.device == "cpu" else "cuda"
+    rows = [measure_memory(name, level, device) for name in args.sizes for level in (0, 1, 2)]
+    print(f"{'params':<6} {'level':>5} {'linear w+g+states':>17} {'FP8 w copies':>12} {'rest':>6} {'all':>6} "
+          f"{'linear M':>9} {'all M':>7}   (bytes/param)")
     for r in rows:
-        print(f"{r['params']:<6} {r['level']:>5} {r['lin_B_per_param']:>14.2f} {r['all_B_per_param']:>11.2f} "
-              f"{r['n_lin'] / 1e6:>9.1f} {r['n_all'] / 1e6:>7.1f}")
-    return dict(bench="memory", rows=rows)
+        print(f"{r['params']:<6} {r['level']:>5} {r['lin_B_per_param']:>17.2f} {r['copies_B_per_param']:>12.2f} "
+              f"{r['rest_B_per_param']:>6.2f} {r['all_B_per_param']:>6.2f} {r['n_lin'] / 1e6:>9.1f} {r['n_all'] / 1e6:>7.1f}")
+    return dict(bench="memory", device=device, rows=rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -550,8 +643,84 @@ def report(rows: list[dict], env: comm.DistEnv, args) -> None:
                           reps=args.reps, rows=rows)))
 
 
+# ----------------------------------------------------------------------------------------------
+# FP8 attention (issue 8)
+
+ATTN_TOKENS = 32768  # B * T per call (B = 32..4 sequences of C = 2048 = nh * hs): thousands of programs per kernel
+
+
+def _attn_case(T: int, D: int):
+    """Inputs laid out as the model's c_attn split: (B, T, 3C) BF16 -> q, k, v (B, nh, T, hs) views; dO."""
+    H, B = 2048 // D, ATTN_TOKENS // T
+    C = H * D
+    qkv = torch.randn(B, T, 3 * C, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    do = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16)
+    return qkv, do, lambda x: [t.view(B, T, H, D).transpose(1, 2) for t in x.split(C, dim=2)], (B, H, C)
+
+
+def _attn_kernel_times(qkv, do, B, H, C):
+    """(fwd ms, fwd+bwd ms) of the attention kernels alone, on operands cast once (no casts timed)."""
+    si = torch.ones(1, device="cuda")
+    rows = [kernels.cast_to_fp8(qkv.detach()[..., i * C:(i + 1) * C].reshape(-1, C), E4M3, si, transpose=True,
+                                pad_t=fp8.PAD_TOKENS) for i in range(3)]
+    (q, q_t), (k, k_t), (v, v_t) = (kernels.attn_views(y, y_t, B, H) for y, y_t in rows)
+    g, g_t = kernels.attn_views(*kernels.cast_to_fp8(do.transpose(1, 2).reshape(-1, C), kernels.E5M2, si,
+                                                     transpose=True, pad_t=fp8.PAD_TOKENS), B, H)
+    o, lse = kernels.fp8_attention_fwd(q, k, v_t, si, si, si)  # autotunes outside the timing
+    kernels.fp8_attention_bwd(g, g_t, q, q_t, k, k_t, v, o, lse, si, si, si, si)
+    t_fwd = median_ms(lambda: kernels.fp8_attention_fwd(q, k, v_t, si, si, si))
+    t_bwd = median_ms(lambda: kernels.fp8_attention_bwd(g, g_t, q, q_t, k, k_t, v, o, lse, si, si, si, si))
+    return t_fwd, t_fwd + t_bwd
+
+
+def bench_attn(args) -> dict:
+    """Causal attention, forward and forward+backward: fp8.FP8Attention (with its delayed-scaling casts, and the
+    kernels alone) vs BF16 F.scaled_dot_product_attention (flash). TFLOP/s of the causal half, FlashAttention's
+    count: forward 2 GEMMs = 2 * B nh T^2 hs, backward 2.5x that."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    rows = []
+    print("TFLOP/s: bf16 = SDPA flash, fp8 = FP8Attention with its casts, kern = the FP8 kernels alone")
+    cols = f"{'bf16':>6} {'fp8':>6} {'kern':>6} {'fp8/bf16':>8}"
+    print(f"{'hs':>4} {'T':>5} {'B*nh':>5} | forward {cols} | fwd+bwd {cols}")
+    for D in (64, 128):
+        for T in (1024, 2048, 4096, 8192):
+            qkv, do, heads, (B, H, C) = _attn_case(T, D)
+            att = fp8.FP8Attention(C, device="cuda")
+            flop = 2 * B * H * T * T * D  # causal: half of 2 GEMMs of 2 * T * T * hs
+            times = {}
+            for name, f in (("bf16", sdpa), ("fp8", att)):
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    torch.autograd.grad(f(*heads(qkv)), qkv, do)  # warm-up, autotune, prime the scales
+
+                    def fwd():
+                        with torch.no_grad():
+                            return f(*heads(qkv))
+                    times[name] = (median_ms(fwd), median_ms(lambda: torch.autograd.grad(f(*heads(qkv)), qkv, do)))
+            times["kern"] = _attn_kernel_times(qkv, do, B, H, C)
+            r = {"hs": D, "T": T, "B": B, "nh": H}
+            for name, (t_f, t_fb) in times.items():
+                r[f"{name}_fwd_ms"], r[f"{name}_fwd_tflops"] = t_f, flop / t_f / 1e9
+                r[f"{name}_fwdbwd_ms"], r[f"{name}_fwdbwd_tflops"] = t_fb, 3.5 * flop / t_fb / 1e9
+            r["fwd_speedup"] = times["bf16"][0] / times["fp8"][0]
+            r["fwdbwd_speedup"] = times["bf16"][1] / times["fp8"][1]
+            rows.append(r)
+            print(f"{D:>4} {T:>5} {B * H:>5} | {'':>7} {r['bf16_fwd_tflops']:6.0f} {r['fp8_fwd_tflops']:6.0f} "
+                  f"{r['kern_fwd_tflops']:6.0f} {r['fwd_speedup']:7.2f}x | {'':>7} {r['bf16_fwdbwd_tflops']:6.0f} "
+                  f"{r['fp8_fwdbwd_tflops']:6.0f} {r['kern_fwdbwd_tflops']:6.0f} {r['fwdbwd_speedup']:7.2f}x",
+                  flush=True)
+            del qkv, do, att
+            torch.cuda.empty_cache()
+    key = next(r for r in rows if r["hs"] == 128 and r["T"] == 4096)
+    summary = {"fwd_speedup_4096_128": key["fwd_speedup"], "fwdbwd_speedup_4096_128": key["fwdbwd_speedup"],
+               "fwd_target_met": key["fwd_speedup"] >= 1.2, "fwdbwd_target_met": key["fwdbwd_speedup"] >= 1.0}
+    print(f"T=4096 hs=128, fp8 (with casts) vs BF16 flash: forward {key['fwd_speedup']:.2f}x (target >= 1.2x), "
+          f"forward+backward {key['fwdbwd_speedup']:.2f}x (target >= 1.0x)")
+    return {"rows": rows, "summary": summary}
+
+
 SUBCOMMANDS = {"gemm": bench_gemm, "cast": bench_cast, "linear": bench_linear, "step": bench_step, "_step1": _step1,
-               "optim": bench_optim, "memory": bench_memory, "comm": bench_comm}
+               "optim": bench_optim, "memory": bench_memory, "comm": bench_comm, "attn": bench_attn}
 
 
 def main(argv=None):
@@ -562,20 +731,21 @@ def main(argv=None):
     p.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: one step variant
     p.add_argument("--profile", type=int, default=0, help="step: also print the top CUDA kernels per variant")
     p.add_argument("--variants", default="", help="step: only variants whose label contains this; comm: a comma list")
-    p.add_argument("--sizes", nargs="+", default=list(SHAPES), choices=list(SHAPES), help="optim, memory")
+    p.add_argument("--sizes", nargs="+", default=["124M", "1.3B"], choices=list(SHAPES), help="optim, memory")
     p.add_argument("--blocks", nargs="+", type=int, default=[1024, 2048], help="optim: fused-kernel block sizes")
+    p.add_argument("--warps", nargs="+", type=int, default=[4, 8], help="optim: fused-kernel warps per program")
     p.add_argument("--sets", default="124m,1.3b", help=f"comm: comma list of {list(SETS)}")
     p.add_argument("--bucket_mb", default="64", help="comm: FP8 bucket sizes to sweep (MiB)")
     p.add_argument("--reps", type=int, default=50, help="comm")
     p.add_argument("--warmup", type=int, default=5, help="comm")
-    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="comm")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="comm, memory")
     p.add_argument("--steps", type=int, default=30, help="timed steps per variant (step)")
     args = p.parse_args(argv)
     if args.what == ["comm"]:  # under torchrun: every rank runs it, rank 0 prints
         if not args.variants:
             args.variants = ",".join(VARIANTS)
         return bench_comm(args)
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not (args.what == ["memory"] and args.device == "cpu"):
         sys.exit("bench.py measures GPU speed: no CUDA device found")
     if args.what == ["_step1"]:
         _step1(args)

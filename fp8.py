@@ -77,6 +77,15 @@ class ScalingMeta(nn.Module):
         self.register_buffer("stats", torch.zeros(2, dtype=torch.int32, device=device))  # this step: saturated, flushed to 0
         self.primed = False  # the very first cast scales by its own amax (no history yet)
         self.features = 0  # elements cast per token (set by the layer): stats are per token * features
+        # counting saturated / flushed values costs a cast about half its bandwidth (bench.py cast: 89% of
+        # copy bandwidth -> 41-53%), so it is on only while monitoring (count_cast_stats)
+        self.count_stats = False
+
+    def cast_args(self, record: bool = True) -> tuple:
+        """(scale, scale_inv, amax slot or None, stats or None) for a cast at this site; eval casts (record
+        False) leave the history alone; stats only while count_stats is on."""
+        return (self.scale, self.scale_inv, self.amax_history[:1] if record else None,
+                self.stats if record and self.count_stats else None)
 
     def get_extra_state(self):
         return {"primed": self.primed}
@@ -138,14 +147,14 @@ class FP8Tensor:
 
 @torch.library.custom_op("nanofp8::cast", mutates_args=("amax", "stats"))
 def _cast_op(x: torch.Tensor, scale: torch.Tensor, amax: torch.Tensor, stats: torch.Tensor, fp8_dtype: torch.dtype,
-             transpose: bool, pad_t: int, colsum: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             transpose: bool, pad_t: int, colsum: bool, count: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     cs = x.new_empty(x.shape[1], dtype=torch.float32) if colsum else None
-    y, y_t = kernels.cast_to_fp8(x, fp8_dtype, scale, amax, transpose, pad_t, stats, colsum_out=cs)
+    y, y_t = kernels.cast_to_fp8(x, fp8_dtype, scale, amax, transpose, pad_t, stats if count else None, colsum_out=cs)
     return y, (y_t if y_t is not None else y.new_empty(0)), (cs if colsum else x.new_empty(0, dtype=torch.float32))
 
 
 @_cast_op.register_fake
-def _(x, scale, amax, stats, fp8_dtype, transpose, pad_t, colsum):
+def _(x, scale, amax, stats, fp8_dtype, transpose, pad_t, colsum, count):
     M, N = x.shape
     y_t = x.new_empty((N, kernels.round_up(M, pad_t)) if transpose else (0,), dtype=fp8_dtype)
     return x.new_empty((M, N), dtype=fp8_dtype), y_t, x.new_empty(N if colsum else 0, dtype=torch.float32)
@@ -203,8 +212,9 @@ def cast(x, fp8_dtype, scale, amax, stats, transpose=False, pad_t=1, colsum_out=
     if torch.compiler.is_compiling():
         dummy = scale.new_zeros(1)  # not recording (eval): a scratch slot, functional for the compiler
         amax = amax if amax is not None else dummy
-        stats = stats if stats is not None else dummy.new_zeros(2, dtype=torch.int32)
-        y, y_t, cs = _cast_op(x, scale, amax, stats, fp8_dtype, transpose, pad_t, colsum_out is not None)
+        count = stats is not None  # (an Optional mutable argument would confuse inductor: a flag instead)
+        stats = stats if count else dummy.new_zeros(2, dtype=torch.int32)
+        y, y_t, cs = _cast_op(x, scale, amax, stats, fp8_dtype, transpose, pad_t, colsum_out is not None, count)
         if colsum_out is not None:
             colsum_out.copy_(cs)
         return y, (y_t if transpose else None)
@@ -319,11 +329,15 @@ class FP8Linear(nn.Linear):
         self.register_buffer("weight_scale_inv", torch.ones(1, device=device), persistent=False)
         self.register_buffer("weight_amax", torch.zeros(1, device=device), persistent=False)
         self._weight_fp8_t = None  # None: the FP8 copy is stale (update_scaling, load_state_dict)
+        self.fp8_weight_kept = False  # True: an optimizer writes the FP8 copy in its step (keep_fp8_weight)
         self.weight._fp8_owner = self  # fp8_grad(p) finds the buffers through this
 
     def fp8_weight(self):
-        """(w_fp8 (N, K), w_fp8_t (K, N), scale_inv). Weights change only at optimizer steps, so the
-        cast is redone only after update_scaling(); under torch.compile it is redone every call."""
+        """(w_fp8 (N, K), w_fp8_t (K, N), scale_inv). Kept by the optimizer (FP8AdamW): as it wrote them.
+        Else weights change only at optimizer steps, so the cast is redone only after update_scaling();
+        under torch.compile it is redone every call."""
+        if self.fp8_weight_kept:
+            return self.weight_fp8, self._weight_fp8_t, self.weight_scale_inv
         if torch.compiler.is_compiling() or self._weight_fp8_t is None:  # no guard on the cache when compiled
             w_t = cast_weight(self.weight, self.weight_fp8, self.weight_scale_inv, self.weight_amax)
             if torch.compiler.is_compiling():
@@ -331,9 +345,23 @@ class FP8Linear(nn.Linear):
             self._weight_fp8_t = w_t
         return self.weight_fp8, self._weight_fp8_t, self.weight_scale_inv
 
+    @torch.no_grad()
+    def keep_fp8_weight(self) -> None:
+        """For an optimizer whose step writes weight_fp8, its (K, N) copy, weight_scale_inv and weight_amax
+        (FP8AdamW): cast them once now, in place; forward then uses them as they are."""
+        w_t = cast_weight(self.weight, self.weight_fp8, self.weight_scale_inv, self.weight_amax)
+        if self.fp8_weight_kept:  # same storage: the optimizer's pointer table (and a captured CUDA graph) write there
+            self._weight_fp8_t.copy_(w_t)
+        else:
+            self._weight_fp8_t = w_t
+        self.fp8_weight_kept = True
+
     def _load_from_state_dict(self, *args, **kwargs):
-        self._weight_fp8_t = None
         super()._load_from_state_dict(*args, **kwargs)
+        if self.fp8_weight_kept:
+            self.keep_fp8_weight()  # the loaded weight's FP8 copy, into the same buffers
+        else:
+            self._weight_fp8_t = None
 
     def forward(self, x):
         if not self.x_meta.primed:
@@ -344,8 +372,7 @@ class FP8Linear(nn.Linear):
         prime_g = not g.primed and not torch.compiler.is_compiling() and torch.is_grad_enabled()
         return _FP8LinearFn.apply(
             x, self.weight, self.bias, g if prime_g else None,
-            (m.scale, m.scale_inv, m.amax_history[:1] if record else None, m.stats if record else None),
-            (g.scale, g.scale_inv, g.amax_history[:1], g.stats),
+            m.cast_args(record), g.cast_args(),
             (self.weight_grad_fp8, self.weight_grad_scale_inv, self.weight_grad_amax),
             self.fp8_weight(),
         )
@@ -378,6 +405,15 @@ _STACKED = ("amax_history", "scale", "scale_inv", "n_nonfinite")
 
 
 @torch.no_grad()
+def count_cast_stats(model: nn.Module, on: bool) -> None:
+    """Count saturated / flushed-to-zero values at every cast site of the model from now on (on) or not;
+    zeroes the counters. A compiled model recompiles once per setting; a CUDA graph keeps what it captured."""
+    for m in model.modules():
+        if isinstance(m, ScalingMeta):
+            m.count_stats = on
+            m.stats.zero_()
+
+
 def update_scaling(model: nn.Module) -> None:
     """Once per optimizer step: every ScalingMeta turns its amax history into its next scale, and
     every FP8Linear's FP8 weight copy is marked stale (the optimizer has just changed the weights).
@@ -386,7 +422,7 @@ def update_scaling(model: nn.Module) -> None:
     views of one shared buffer would share autograd's version counter across layers."""
     metas = [m for m in model.modules() if isinstance(m, ScalingMeta)]
     for m in model.modules():
-        if isinstance(m, FP8Linear):
+        if isinstance(m, FP8Linear) and not m.fp8_weight_kept:  # kept: the optimizer step wrote the new copy
             m._weight_fp8_t = None
     if not metas:
         return
@@ -432,3 +468,132 @@ def convert_to_fp8(model: nn.Module, level: int = 1, filter_fn: Callable[[str, n
                         new.bias.copy_(child.bias)
                 setattr(mod, child_name, new)
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# FP8 attention (issue 8; arXiv 2505.20524: every GEMM of the block in FP8). Q, K, V are cast to E4M3 and
+# the output gradient to E5M2 with delayed scaling, exactly as a linear's input and grad_output, each with
+# a transposed copy (the K-major operands of PV, dV, dQ, dK); kernels.fp8_attention_fwd / _bwd do the rest.
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, nh, T, hs) -> (B*T, C) rows: a view when x is a head split of (B, T, C) rows (c_attn's q, k, v and
+    the gradient of the model's output transpose), else a copy (e.g. the rotated q, k of llama)."""
+    B, H, T, D = x.shape
+    x2 = x.transpose(1, 2).reshape(B * T, H * D)
+    return x2 if x2.dtype in kernels.HP_DTYPES else x2.float()
+
+
+@torch.library.custom_op("nanofp8::attn_fwd", mutates_args=())
+def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v_t: torch.Tensor, q_si: torch.Tensor, k_si: torch.Tensor,
+                 v_si: torch.Tensor, n_batch: int, n_head: int,
+                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return _attn_fwd_rows(q, k, v_t, q_si, k_si, v_si, n_batch, n_head, out_dtype)
+
+
+@_attn_fwd_op.register_fake
+def _(q, k, v_t, q_si, k_si, v_si, n_batch, n_head, out_dtype):
+    return q.new_empty(q.shape, dtype=out_dtype), q.new_empty((n_batch, n_head, q.shape[0] // n_batch),
+                                                               dtype=torch.float32)
+
+
+def _attn_fwd_rows(q, k, v_t, q_si, k_si, v_si, B, H, out_dtype):
+    """FP8 rows (B*T, C) of q, k and V's transposed copy -> (o rows (B*T, C) out_dtype, lse (B, nh, T))."""
+    q4, k4 = kernels.attn_views(q, None, B, H)[0], kernels.attn_views(k, None, B, H)[0]
+    v4_t = kernels.attn_views(q, v_t, B, H)[1]  # (v has q's shape)
+    o, lse = kernels.fp8_attention_fwd(q4, k4, v4_t, q_si, k_si, v_si, out_dtype=out_dtype)
+    return o.transpose(1, 2).reshape(q.shape), lse  # (B, T, nh, hs) memory: a view
+
+
+@torch.library.custom_op("nanofp8::attn_bwd", mutates_args=())
+def _attn_bwd_op(do: torch.Tensor, do_t: torch.Tensor, q: torch.Tensor, q_t: torch.Tensor, k: torch.Tensor,
+                 k_t: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, q_si: torch.Tensor,
+                 k_si: torch.Tensor, v_si: torch.Tensor, do_si: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attn_bwd_rows(do, do_t, q, q_t, k, k_t, v, o, lse, q_si, k_si, v_si, do_si)
+
+
+@_attn_bwd_op.register_fake
+def _(do, do_t, q, q_t, k, k_t, v, o, lse, q_si, k_si, v_si, do_si):
+    return tuple(o.new_empty(o.shape) for _ in range(3))
+
+
+def _attn_bwd_rows(do, do_t, q, q_t, k, k_t, v, o, lse, q_si, k_si, v_si, do_si):
+    """Rows (B*T, C) (+ transposed copies) of dO, q, k, v and o -> (dq, dk, dv) rows (B*T, C) in o.dtype."""
+    B, H = lse.shape[:2]
+    views = [kernels.attn_views(x, x_t, B, H) for x, x_t in ((do, do_t), (q, q_t), (k, k_t), (v, None), (o, None))]
+    (do4, do4_t), (q4, q4_t), (k4, k4_t), (v4, _), (o4, _) = views
+    grads = kernels.fp8_attention_bwd(do4, do4_t, q4, q4_t, k4, k4_t, v4, o4, lse, q_si, k_si, v_si, do_si)
+    return tuple(g.transpose(1, 2).reshape(o.shape) for g in grads)
+
+
+def attn_fwd(*args):
+    return _attn_fwd_op(*args) if torch.compiler.is_compiling() else _attn_fwd_rows(*args)
+
+
+def attn_bwd(*args):
+    return _attn_bwd_op(*args) if torch.compiler.is_compiling() else _attn_bwd_rows(*args)
+
+
+class _FP8AttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g_meta, qkv_meta_t, g_meta_t):
+        # qkv_meta_t: per q, k, v (scale, scale_inv, amax slot or None, stats or None); g_meta_t: the same for
+        # the output gradient; g_meta: not None = prime it on this backward (eager first step only)
+        B, H, T, D = q.shape
+        need_bwd = q.requires_grad or k.requires_grad or v.requires_grad
+        fp8s = []
+        for i, (x, (scale, _, amax, stats)) in enumerate(zip((q, k, v), qkv_meta_t)):
+            # q and k need their transposed copies in the backward only, v in the forward too (PV)
+            fp8s += cast(_rows(x), E4M3, scale, amax, stats, transpose=need_bwd or i == 2, pad_t=PAD_TOKENS)
+        q8, q8_t, k8, k8_t, v8, v8_t = fp8s
+        sis = [t[1] for t in qkv_meta_t]
+        o, lse = attn_fwd(q8, k8, v8_t, *sis, B, H, q.dtype)  # o: (B*T, C) rows
+        ctx.save_for_backward(q8, q8_t, k8, k8_t, v8, o, lse, *sis, *g_meta_t)
+        ctx.g_meta = g_meta
+        return o.view(B, T, H, D).transpose(1, 2)  # (B, nh, T, hs)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        q8, q8_t, k8, k8_t, v8, o, lse, q_si, k_si, v_si, g_scale, g_si, g_amax, g_stats = ctx.saved_tensors
+        g2 = _rows(grad_output)  # (B*T, C): a view of the model's (B, T, C) gradient
+        if ctx.g_meta is not None:
+            ctx.g_meta.prime(g2)
+        g8, g8_t = cast(g2, E5M2, g_scale, g_amax, g_stats, transpose=True, pad_t=PAD_TOKENS)
+        grads = attn_bwd(g8, g8_t, q8, q8_t, k8, k8_t, v8, o, lse, q_si, k_si, v_si, g_si)
+        B, H, T, D = grad_output.shape
+        dq, dk, dv = (g.view(B, T, H, D).transpose(1, 2) for g in grads)
+        return dq, dk, dv, None, None, None
+
+
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metas, record: bool = True) -> torch.Tensor:
+    """Causal softmax(q k^T / sqrt(hs)) v with every GEMM in FP8: q, k, v (B, nh, T, hs) -> (B, nh, T, hs) in
+    q.dtype. metas: ScalingMeta of q, k, v (E4M3) and of the output gradient (E5M2); record=False (eval) uses
+    their scales without recording amaxes."""
+    if q.shape[-1] not in kernels.ATTN_HEAD_DIMS:
+        raise ValueError(f"FP8 attention supports head sizes {kernels.ATTN_HEAD_DIMS}, got {q.shape[-1]}; "
+                         "use --fp8_attention=0")
+    for m, x in zip(metas[:3], (q, k, v)):
+        if not m.primed:
+            m.prime(x)
+    g = metas[3]
+    prime_g = not g.primed and not torch.compiler.is_compiling() and torch.is_grad_enabled()
+    mt = tuple(m.cast_args(record) for m in metas[:3])
+    g_t = g.cast_args()
+    return _FP8AttentionFn.apply(q, k, v, g if prime_g else None, mt, g_t)
+
+
+class FP8Attention(nn.Module):
+    """Causal attention of (B, nh, T, hs) q, k, v with QK^T and PV (and the four backward GEMMs) in FP8: the
+    module swapped in for model.CausalSDPA (model.use_fp8_attention). features: C, the values per token of
+    each cast (saturation statistics)."""
+
+    def __init__(self, features: int, history_len: int = 16, margin: int = 0, device=None):
+        super().__init__()
+        self.q_meta, self.k_meta, self.v_meta = (ScalingMeta(E4M3, history_len, margin, device) for _ in range(3))
+        self.g_meta = ScalingMeta(E5M2, history_len, margin, device)
+        for m in (self.q_meta, self.k_meta, self.v_meta, self.g_meta):
+            m.features = features
+
+    def forward(self, q, k, v):
+        return fp8_attention(q, k, v, (self.q_meta, self.k_meta, self.v_meta, self.g_meta), record=self.training)

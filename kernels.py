@@ -179,6 +179,11 @@ def pow2_scale_ref(amax: torch.Tensor, fp8_dtype: torch.dtype, margin: int = 0) 
     return pow2_scale_bits(amax.float().reshape(1), *fmax_bits(fp8_dtype), margin)
 
 
+CAST_TILE = (64, 128, 8)  # BLOCK_M, BLOCK_N, num_warps of _cast_kernel; H100 sweep (bench.py cast): 85-90% of copy
+# with the bias gradient's column sums, taller tiles write fewer partial rows: 64-70% (64x128: 56-63%)
+CAST_TILE_COLSUM = (128, 64, 4)
+
+
 def cast_to_fp8_ref(x, fp8_dtype, scale, amax=None, transpose=False, pad_t=1, stats=None, out=None,
                     scale_inv_out=None, margin=0, colsum_out=None):
     """Pure-torch reference of cast_to_fp8 (same arguments and results)."""
@@ -253,7 +258,7 @@ def cast_to_fp8(
     dummy = amax if amax is not None else y
     # 64x128 tiles: 16 KB of bf16 per program, enough bytes in flight per SM; the transposed
     # store goes through shared memory (layout conversion by the compiler). 90% of copy bandwidth.
-    BM, BN = (64, 128) if not INTERPRET else (16, 32)
+    BM, BN, warps = (CAST_TILE_COLSUM if colsum_out is not None else CAST_TILE) if not INTERPRET else (16, 32, 1)
     grid = (triton.cdiv(MT, BM), triton.cdiv(N, BN))
     partial = torch.empty(grid[0], N, device=x.device) if colsum_out is not None else dummy
     _cast_kernel[grid](
@@ -265,7 +270,7 @@ def cast_to_fp8(
         HAS_COLSUM=colsum_out is not None, JIT_SCALE=jit, FMAX_EXP=fe, FMAX_MANT=fm, MARGIN=margin,
         SOFT_CVT=INTERPRET or x.dtype == torch.float32, MANT=3 if fp8_dtype == E4M3 else 2,
         MIN_EXP=-6 if fp8_dtype == E4M3 else -14,
-        BLOCK_M=BM, BLOCK_N=BN, num_warps=8 if not INTERPRET else 1,
+        BLOCK_M=BM, BLOCK_N=BN, num_warps=warps,
     )
     if colsum_out is not None:
         torch.sum(partial, 0, out=colsum_out)  # fixed order: bit-identical run to run (no atomics)
@@ -569,3 +574,390 @@ def fp8_gemm(
                        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=8,
                        num_warps=8 if not INTERPRET else 1, num_stages=4 if not INTERPRET else 1)
     return c
+
+
+# ----------------------------------------------------------------------------------------------
+# attention: causal flash attention whose GEMMs (QK^T, PV; dP, dV, dQ, dK) all take FP8 operands
+#
+# FA2 schedule (one program per query block, online softmax in FP32) with arXiv 2505.20524's "every
+# GEMM in FP8": Q, K, V are E4M3 with per-tensor scale_inv (delayed scaling, fp8.py), dO is E5M2.
+# P = exp(S - max) lies in [0, 1], so it is cast to E4M3 with the fixed scale 2^8 (1.0 -> 256 <= 448;
+# E4M3's normal range then covers p >= 2^-14, subnormals reach 2^-17: smaller terms are flushed).
+# dS = P * (dP - delta) has no known range: each tile gets its own just-in-time power-of-two scale from
+# its amax (E4M3, not E5M2: with a per-tile scale range is not the issue, the extra mantissa bit is).
+#
+# Layout: every operand is what cast_to_fp8 writes for the (B*T, C) rows of q / k / v / dO: rows, and
+# the transposed copy (C, MT), MT = B*T padded to 16. Hopper's FP8 wgmma reads its B operand from shared
+# memory K-major only (the reduction dim contiguous; the transposed smem layouts are 16-bit only), so:
+#   S  = Q K^T : B = K tile (BN, hs), hs contiguous, tl.trans -> K-major over hs
+#   O  = P V   : B = V^T tile (hs, BN) from V's transposed copy, tl.trans -> K-major over tokens
+#   dP = dO V^T: B = V tile, as K in S;     dV = P^T dO: B = dO^T tile (transposed copy of dO)
+#   dQ = dS K  : B = K^T tile;              dK = dS^T Q: B = Q^T tile
+# A operands are either row tiles (K-major over hs) or P / dS from registers. Outputs (O, dQ, dK, dV) are
+# written as (B, T, nh, hs) memory, so the model's transpose back to (B, T, C) is free.
+
+ATTN_HEAD_DIMS = (32, 64, 128)  # FP8 mma reduces over 32 elements: hs >= 32; <= 128 keeps the tiles in registers
+ATTN_P_SCALE = 256.0  # P in [0, 1] -> E4M3 as P * 2^8 (see above); the kernels fold it into exp2's exponent
+_P_LOG2, _P_SCALE = tl.constexpr(8.0), tl.constexpr(ATTN_P_SCALE)
+_LOG2E = tl.constexpr(1.4426950408889634)  # softmax in base 2: exp(x) = exp2(x * log2(e))
+_LN2 = tl.constexpr(0.6931471805599453)
+_E4M3_FMAX_EXP, _E4M3_FMAX_MANT = (tl.constexpr(v) for v in fmax_bits(E4M3))
+# (BLOCK big, BLOCK small, warps, stages): big = the program's block (queries for fwd / dQ, keys for dK dV),
+# small = the inner loop's step. 8 warps = two warpgroups of 64 rows for wgmma; swept by the autotuner.
+_ATTN_TABLE = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3)]
+
+
+def _attn_configs(big: str, small: str):
+    return [triton.Config({big: b, small: s}, num_warps=w, num_stages=st) for b, s, w, st in _ATTN_TABLE]
+
+
+@triton.jit
+def _attn_cvt(x, SOFT_CVT: tl.constexpr):
+    """fp32 already inside E4M3's range -> E4M3 through fp16, both steps round to nearest even (Triton 3.6
+    miscompiles fp32 -> fp8 for some layouts, fp16 -> fp8 is fine). The double rounding differs from a direct
+    cast for ~0.4% of values (by one E4M3 step); it is the definition here: the interpreter (integer
+    conversion, _soft_fp8) and the torch reference replay it, so kernels and reference agree."""
+    x = x.to(tl.float16)
+    if SOFT_CVT:
+        return _soft_fp8(x.to(tl.float32), 3, -6).to(tl.float8e4nv, bitcast=True)
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def _attn_quant_tile(x, SOFT_CVT: tl.constexpr):
+    """Just-in-time E4M3 of one gradient tile: (x * scale -> E4M3, 1 / scale), scale = 2^k from max|x|. A
+    power-of-two factor on x passes through exactly (same bytes, scale_inv times it): the callers leave
+    2^8 and the power-of-two scale_inv of dO and V in dS and apply them once, at the end."""
+    scale = _pow2_scale(tl.max(tl.max(tl.abs(x), 1), 0), _E4M3_FMAX_EXP, _E4M3_FMAX_MANT, 0)
+    x = tl.clamp(x * scale, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
+    return _attn_cvt(x, SOFT_CVT), 1.0 / scale
+
+
+@triton.jit
+def _attn_fwd_block(acc, m_i, l_i, q, k_ptr, vt_ptr, n0, offs_m, offs_n, offs_d, T, C, MT, qk_scale,
+                    CAUSAL: tl.constexpr, SOFT_CVT: tl.constexpr):
+    offs_k = n0 + offs_n
+    in_k = offs_k < T
+    k = tl.load(k_ptr + offs_k[:, None] * C + offs_d[None, :], mask=in_k[:, None], other=0.0)  # (BN, hs)
+    s = tl.dot(q, tl.trans(k))  # (BM, BN) = Q K^T / (q_scale_inv k_scale_inv)
+    if CAUSAL:
+        s = tl.where(offs_m[:, None] >= offs_k[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # base-2 logits; finite: each row has seen a key by now
+    p = tl.math.exp2(s * qk_scale - (m_new - _P_LOG2)[:, None])  # (BM, BN) = 2^8 P in [0, 256]: E4M3-ready
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)  # 2^8 x the denominator, from the unrounded p (the 2^8 cancels in O)
+    vt = tl.load(vt_ptr + offs_d[:, None] * MT + offs_k[None, :], mask=in_k[None, :], other=0.0)  # (hs, BN)
+    acc = tl.dot(_attn_cvt(p, SOFT_CVT), tl.trans(vt), acc * alpha[:, None])  # (BM, hs) += P V
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, vt_ptr, o_ptr, lse_ptr, q_si_ptr, k_si_ptr, v_si_ptr,  # pointers
+    H, T, MT, sm_scale, T_BUCKET,  # sizes: heads, tokens, row length of the transposed copies; 1/sqrt(hs);
+    # T rounded up to a power of two (the autotuner's key: generation calls every length)
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFT_CVT: tl.constexpr,
+):
+    """One program: BLOCK_M queries of one (batch, head) against all their keys, online softmax."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the last queries have the most keys: start them first
+    bh = tl.program_id(1)
+    C = H * HEAD_DIM
+    row0 = (bh // H) * T * C + (bh % H) * HEAD_DIM  # (b, h, t=0, d=0) in the (B*T, C) rows
+    col0 = (bh % H) * HEAD_DIM * MT + (bh // H) * T  # (b, h, d=0, t=0) in the (C, MT) transposed copies
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_m = offs_m < T
+    rows = row0 + offs_m[:, None] * C + offs_d[None, :]
+    q = tl.load(q_ptr + rows, mask=in_m[:, None], other=0.0)  # (BM, hs), stays in shared memory
+    qk_scale = tl.load(q_si_ptr) * tl.load(k_si_ptr) * sm_scale * _LOG2E  # both scale_inv folded into one factor
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    for n0 in range(0, m0, BLOCK_N):  # keys left of the diagonal block: no mask
+        n0 = tl.multiple_of(n0, BLOCK_N)  # aligned tile loads
+        acc, m_i, l_i = _attn_fwd_block(acc, m_i, l_i, q, k_ptr + row0, vt_ptr + col0, n0, offs_m, offs_n, offs_d,
+                                        T, C, MT, qk_scale, False, SOFT_CVT)
+    for n0 in range(m0, tl.minimum(m0 + BLOCK_M, T), BLOCK_N):  # the diagonal block: causal mask
+        n0 = tl.multiple_of(n0, BLOCK_N)  # aligned tile loads
+        acc, m_i, l_i = _attn_fwd_block(acc, m_i, l_i, q, k_ptr + row0, vt_ptr + col0, n0, offs_m, offs_n, offs_d,
+                                        T, C, MT, qk_scale, True, SOFT_CVT)
+    o = acc * tl.load(v_si_ptr) / l_i[:, None]
+    tl.store(o_ptr + rows, o.to(o_ptr.dtype.element_ty), mask=in_m[:, None])
+    tl.store(lse_ptr + bh * T + offs_m, (m_i + tl.math.log2(l_i) - _P_LOG2) * _LN2, mask=in_m)  # natural log
+
+
+@triton.jit
+def _attn_dq_block(dq, q, do, lse2, delta, k_ptr, kt_ptr, v_ptr, n0, offs_m, offs_n, offs_d, T, C, MT, qk_scale,
+                   CAUSAL: tl.constexpr, SOFT_CVT: tl.constexpr):
+    offs_k = n0 + offs_n
+    in_k = offs_k < T
+    kv = offs_k[:, None] * C + offs_d[None, :]
+    k = tl.load(k_ptr + kv, mask=in_k[:, None], other=0.0)  # (BN, hs)
+    v = tl.load(v_ptr + kv, mask=in_k[:, None], other=0.0)  # (BN, hs)
+    p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])  # (BM, BN) = 2^8 P, from the lse
+    if CAUSAL:
+        p = tl.where(offs_m[:, None] >= offs_k[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v))  # (BM, BN) = dO V^T / (do_scale_inv v_scale_inv), E5M2 x E4M3
+    ds8, ds_si = _attn_quant_tile(p * (dp - delta[:, None]), SOFT_CVT)  # dS, up to a power of two
+    kt = tl.load(kt_ptr + offs_d[:, None] * MT + offs_k[None, :], mask=in_k[None, :], other=0.0)  # (hs, BN)
+    return dq + tl.dot(ds8, tl.trans(kt)) * ds_si  # (BM, hs) += dS K
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q_ptr, k_ptr, kt_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dq_ptr,  # pointers
+    q_si_ptr, k_si_ptr, v_si_ptr, do_si_ptr,
+    H, T, MT, sm_scale, T_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFT_CVT: tl.constexpr,
+):
+    """dQ = dS K for BLOCK_M queries over their keys; first writes delta = rowsum(dO * O) for the dK dV kernel."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    C = H * HEAD_DIM
+    row0 = (bh // H) * T * C + (bh % H) * HEAD_DIM
+    col0 = (bh % H) * HEAD_DIM * MT + (bh // H) * T
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_m = offs_m < T
+    rows = row0 + offs_m[:, None] * C + offs_d[None, :]
+    q = tl.load(q_ptr + rows, mask=in_m[:, None], other=0.0)  # (BM, hs)
+    do = tl.load(do_ptr + rows, mask=in_m[:, None], other=0.0)  # (BM, hs) E5M2
+    do_si = tl.load(do_si_ptr)
+    # delta = rowsum(dO * O) from dO as the GEMMs see it (FP8): sum_j P_ij dP_ij = dO_i . O_i holds for it; kept
+    # in the units of the unscaled dO V^T product (divided by do_scale_inv v_scale_inv), as the dS tiles use it
+    o = tl.load(o_ptr + rows, mask=in_m[:, None], other=0.0).to(tl.float32)
+    delta = tl.sum(do.to(tl.float32) * o, 1) / tl.load(v_si_ptr)
+    tl.store(delta_ptr + bh * T + offs_m, delta, mask=in_m)
+    lse2 = tl.load(lse_ptr + bh * T + offs_m, mask=in_m, other=0.0) * _LOG2E - _P_LOG2  # exp2(s - lse2) = 2^8 P
+    qk_scale = tl.load(q_si_ptr) * tl.load(k_si_ptr) * sm_scale * _LOG2E
+    dp_scale = do_si * tl.load(v_si_ptr)  # a power of two: stays in dS, applied at the end
+    dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    for n0 in range(0, m0, BLOCK_N):
+        n0 = tl.multiple_of(n0, BLOCK_N)  # aligned tile loads
+        dq = _attn_dq_block(dq, q, do, lse2, delta, k_ptr + row0, kt_ptr + col0, v_ptr + row0, n0, offs_m, offs_n,
+                            offs_d, T, C, MT, qk_scale, False, SOFT_CVT)
+    for n0 in range(m0, tl.minimum(m0 + BLOCK_M, T), BLOCK_N):
+        n0 = tl.multiple_of(n0, BLOCK_N)  # aligned tile loads
+        dq = _attn_dq_block(dq, q, do, lse2, delta, k_ptr + row0, kt_ptr + col0, v_ptr + row0, n0, offs_m, offs_n,
+                            offs_d, T, C, MT, qk_scale, True, SOFT_CVT)
+    dq = dq * (sm_scale * tl.load(k_si_ptr) * dp_scale / _P_SCALE)
+    tl.store(dq_ptr + rows, dq.to(dq_ptr.dtype.element_ty), mask=in_m[:, None])
+
+
+@triton.jit
+def _attn_dkdv_block(dk, dv, k, v, q_ptr, qt_ptr, do_ptr, dot_ptr, lse_ptr, delta_ptr, m0, offs_n, offs_m, offs_d,
+                     T, C, MT, qk_scale, CAUSAL: tl.constexpr, SOFT_CVT: tl.constexpr):
+    # P^T comes out as 2^8 P^T (E4M3-ready) and dS^T up to the power of two 2^8 / (do_scale_inv v_scale_inv)
+    offs_q = m0 + offs_m
+    in_q = offs_q < T
+    rows = offs_q[:, None] * C + offs_d[None, :]
+    cols = offs_d[:, None] * MT + offs_q[None, :]
+    q = tl.load(q_ptr + rows, mask=in_q[:, None], other=0.0)  # (BM, hs)
+    lse2 = tl.load(lse_ptr + offs_q, mask=in_q, other=0.0) * _LOG2E - _P_LOG2
+    p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])  # (BN, BM) = 2^8 P^T
+    if CAUSAL:
+        p_t = tl.where(offs_q[None, :] >= offs_n[:, None], p_t, 0.0)
+    do_t = tl.load(dot_ptr + cols, mask=in_q[None, :], other=0.0)  # (hs, BM) E5M2
+    dv = tl.dot(_attn_cvt(p_t, SOFT_CVT), tl.trans(do_t), dv)  # (BN, hs) += P^T dO
+    do = tl.load(do_ptr + rows, mask=in_q[:, None], other=0.0)  # (BM, hs)
+    dp_t = tl.dot(v, tl.trans(do))  # (BN, BM) = V dO^T = dP^T / (do_scale_inv v_scale_inv)
+    delta = tl.load(delta_ptr + offs_q, mask=in_q, other=0.0)
+    ds8, ds_si = _attn_quant_tile(p_t * (dp_t - delta[None, :]), SOFT_CVT)
+    q_t = tl.load(qt_ptr + cols, mask=in_q[None, :], other=0.0)  # (hs, BM)
+    return dk + tl.dot(ds8, tl.trans(q_t)) * ds_si, dv  # (BN, hs) += dS^T Q
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q_ptr, qt_ptr, k_ptr, v_ptr, do_ptr, dot_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,  # pointers
+    q_si_ptr, k_si_ptr, v_si_ptr, do_si_ptr,
+    H, T, MT, sm_scale, T_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFT_CVT: tl.constexpr,
+):
+    """dK = dS^T Q and dV = P^T dO for BLOCK_N keys, over the queries that see them (the first keys: most)."""
+    bh = tl.program_id(1)
+    C = H * HEAD_DIM
+    row0 = (bh // H) * T * C + (bh % H) * HEAD_DIM
+    col0 = (bh % H) * HEAD_DIM * MT + (bh // H) * T
+    n0 = tl.program_id(0) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_n = offs_n < T
+    rows = row0 + offs_n[:, None] * C + offs_d[None, :]
+    k = tl.load(k_ptr + rows, mask=in_n[:, None], other=0.0)  # (BN, hs)
+    v = tl.load(v_ptr + rows, mask=in_n[:, None], other=0.0)  # (BN, hs)
+    do_si = tl.load(do_si_ptr)
+    qk_scale = tl.load(q_si_ptr) * tl.load(k_si_ptr) * sm_scale * _LOG2E
+    dp_scale = do_si * tl.load(v_si_ptr)
+    dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    lse_ptr += bh * T
+    delta_ptr += bh * T
+    for m0 in range(n0, tl.minimum(n0 + BLOCK_N, T), BLOCK_M):  # the diagonal block: causal mask
+        m0 = tl.multiple_of(m0, BLOCK_M)  # aligned tile loads
+        dk, dv = _attn_dkdv_block(dk, dv, k, v, q_ptr + row0, qt_ptr + col0, do_ptr + row0, dot_ptr + col0, lse_ptr,
+                                  delta_ptr, m0, offs_n, offs_m, offs_d, T, C, MT, qk_scale, True, SOFT_CVT)
+    for m0 in range(n0 + BLOCK_N, T, BLOCK_M):  # queries below it see every key of the block
+        m0 = tl.multiple_of(m0, BLOCK_M)  # aligned tile loads
+        dk, dv = _attn_dkdv_block(dk, dv, k, v, q_ptr + row0, qt_ptr + col0, do_ptr + row0, dot_ptr + col0, lse_ptr,
+                                  delta_ptr, m0, offs_n, offs_m, offs_d, T, C, MT, qk_scale, False, SOFT_CVT)
+    dk = dk * (sm_scale * tl.load(q_si_ptr) * dp_scale / _P_SCALE)
+    tl.store(dk_ptr + rows, dk.to(dk_ptr.dtype.element_ty), mask=in_n[:, None])
+    tl.store(dv_ptr + rows, (dv * (do_si / _P_SCALE)).to(dv_ptr.dtype.element_ty), mask=in_n[:, None])
+
+
+_ATTN_KEY = ["T_BUCKET", "HEAD_DIM"]
+_attn_fwd_tuned = triton.autotune(_attn_configs("BLOCK_M", "BLOCK_N"), key=_ATTN_KEY)(_attn_fwd_kernel)
+_attn_dq_tuned = triton.autotune(_attn_configs("BLOCK_M", "BLOCK_N"), key=_ATTN_KEY)(_attn_bwd_dq_kernel)
+_attn_dkdv_tuned = triton.autotune(_attn_configs("BLOCK_N", "BLOCK_M"), key=_ATTN_KEY)(_attn_bwd_dkdv_kernel)
+ATTN_INTERPRET_BLOCK = 16  # every block (and so every dS tile) under the interpreter: tiny test shapes
+
+
+def attn_views(x2: torch.Tensor, x2_t: Optional[torch.Tensor], B: int, H: int):
+    """Rows (B*T, C) and their transposed copy (C, MT >= B*T), as cast_to_fp8 writes them, seen per head:
+    (B, nh, T, hs) and (B, nh, hs, T) views (x2_t None -> None). Every attention operand has this layout."""
+    BT, C = x2.shape
+    T, D = BT // B, C // H
+    x_t = None if x2_t is None else x2_t[:, :BT].view(H, D, B, T).permute(2, 0, 1, 3)
+    return x2.view(B, T, H, D).transpose(1, 2), x_t
+
+
+def _check_attn(x, x_t, shape, dtype):
+    B, H, T, D = shape
+    assert x.shape == shape and x.dtype == dtype and x.transpose(1, 2).is_contiguous(), \
+        f"attention operands are per-head views of (B*T, C) rows (kernels.attn_views), got {x.shape} {x.stride()}"
+    if x_t is not None:
+        assert x_t.shape == (B, H, D, T) and x_t.dtype == dtype and x_t.stride()[:2] == (T, D * x_t.stride(2)) \
+            and x_t.stride(3) == 1, "transposed operands are views of (C, MT) copies (kernels.attn_views)"
+
+
+def _bthd(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2).contiguous().transpose(1, 2)  # (B, nh, T, hs) held as (B, T, nh, hs) memory
+
+
+def _causal_scores_ref(q, k, q_si, k_si, sm_scale):
+    T = q.shape[2]
+    s = (q.float() @ k.float().transpose(-1, -2)) * (q_si.float() * k_si.float() * sm_scale)  # (B, nh, T, T)
+    return s, torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)  # True above the diagonal: the future
+
+
+def _e4m3_ref(x):
+    return x.half().to(E4M3).float()  # through fp16, as the kernels (_attn_cvt)
+
+
+def _quant_p_ref(p):
+    return _e4m3_ref(p * ATTN_P_SCALE) / ATTN_P_SCALE
+
+
+def _quant_tiles_ref(x, bm: int, bn: int):
+    """x (..., M, N) rounded to E4M3 per (bm, bn) tile, power-of-two scale from the tile's amax; back in fp32."""
+    *lead, M, N = x.shape
+    xp = torch.nn.functional.pad(x, (0, round_up(N, bn) - N, 0, round_up(M, bm) - M))
+    t = xp.view(*lead, xp.shape[-2] // bm, bm, xp.shape[-1] // bn, bn)
+    scale = pow2_scale_bits(t.abs().amax(dim=(-3, -1), keepdim=True).float(), *fmax_bits(E4M3), 0)
+    t = _e4m3_ref((t * scale).clamp(-448.0, 448.0)) / scale
+    return t.view(xp.shape)[..., :M, :N]
+
+
+def fp8_attention_fwd_ref(q, k, v_t, q_si, k_si, v_si, sm_scale, out_dtype=torch.bfloat16, block_n: int = 64):
+    """Pure-torch reference of fp8_attention_fwd: dequantize, the kernel's online softmax in FP32 over key blocks
+    of block_n (P is rounded to E4M3 relative to the running row max, so the block size matters)."""
+    s, future = _causal_scores_ref(q, k, q_si, k_si, sm_scale)
+    s = s.masked_fill(future, float("-inf"))  # (B, nh, T, T)
+    v = v_t.float().transpose(-1, -2)  # (B, nh, T, hs)
+    m = torch.full_like(s[..., :1], float("-inf"))  # (B, nh, T, 1); finite after block 0 (every row sees key 0)
+    l, acc = torch.zeros_like(m), torch.zeros_like(v)
+    for n0 in range(0, s.shape[-1], block_n):
+        s_blk = s[..., n0:n0 + block_n]
+        m_new = torch.maximum(m, s_blk.amax(-1, keepdim=True))
+        p, alpha = torch.exp(s_blk - m_new), torch.exp(m - m_new)
+        l = l * alpha + p.sum(-1, keepdim=True)
+        acc = acc * alpha + _quant_p_ref(p) @ v[..., n0:n0 + block_n, :]
+        m = m_new
+    o = acc * (v_si.float() / l)  # (B, nh, T, hs)
+    return _bthd(o.to(out_dtype)), (m + l.log()).squeeze(-1)
+
+
+def fp8_attention_bwd_ref(do, q, k, v, o, lse, q_si, k_si, v_si, do_si, sm_scale, ds_tile=(64, 64)):
+    """Pure-torch reference of fp8_attention_bwd; dS quantized per (queries, keys) tile of ds_tile."""
+    s, future = _causal_scores_ref(q, k, q_si, k_si, sm_scale)
+    p = torch.exp(s - lse[..., None]).masked_fill(future, 0.0)  # (B, nh, T, T)
+    dof = do.float() * do_si.float()
+    dv = _quant_p_ref(p).transpose(-1, -2) @ dof
+    dp = dof @ (v.float() * v_si.float()).transpose(-1, -2)
+    ds = _quant_tiles_ref(p * (dp - (dof * o.float()).sum(-1, keepdim=True)), *ds_tile)
+    dq = (ds @ (k.float() * k_si.float())) * sm_scale
+    dk = (ds.transpose(-1, -2) @ (q.float() * q_si.float())) * sm_scale
+    return tuple(_bthd(g.to(o.dtype)) for g in (dq, dk, dv))
+
+
+def fp8_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v_t: torch.Tensor,
+    q_scale_inv: torch.Tensor,
+    k_scale_inv: torch.Tensor,
+    v_scale_inv: torch.Tensor,
+    sm_scale: Optional[float] = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+):
+    """Causal attention softmax(q k^T * sm_scale) v with FP8 GEMMs. q, k (B, nh, T, hs) E4M3 and v_t (B, nh, hs, T)
+    E4M3 (V transposed: PV's K-major operand), as attn_views gives them; scale_inv float32 (1,). ->
+    (o (B, nh, T, hs) out_dtype in (B, T, nh, hs) memory, lse (B, nh, T) float32: log of the softmax denominators)."""
+    B, H, T, D = q.shape
+    if D not in ATTN_HEAD_DIMS:
+        raise ValueError(f"FP8 attention supports head sizes {ATTN_HEAD_DIMS}, got {D}; use --fp8_attention=0")
+    _check_attn(q, None, q.shape, E4M3)
+    _check_attn(k, v_t, q.shape, E4M3)
+    sm_scale = sm_scale if sm_scale is not None else D ** -0.5
+    if not use_triton(q):
+        return fp8_attention_fwd_ref(q, k, v_t, q_scale_inv, k_scale_inv, v_scale_inv, sm_scale, out_dtype)
+    o = torch.empty(B, T, H, D, dtype=out_dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty(B, H, T, device=q.device)
+    args = (q, k, v_t, o, lse, q_scale_inv, k_scale_inv, v_scale_inv, H, T, v_t.stride(2), sm_scale,
+            triton.next_power_of_2(T))
+    if INTERPRET:
+        BS = ATTN_INTERPRET_BLOCK
+        _attn_fwd_kernel[(triton.cdiv(T, BS), B * H)](*args, HEAD_DIM=D, BLOCK_M=BS, BLOCK_N=BS, SOFT_CVT=True,
+                                                      num_warps=1)
+    else:
+        _attn_fwd_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](*args, HEAD_DIM=D, SOFT_CVT=False)
+    return o, lse
+
+
+def fp8_attention_bwd(do, do_t, q, q_t, k, k_t, v, o, lse, q_scale_inv, k_scale_inv, v_scale_inv, do_scale_inv,
+                      sm_scale: Optional[float] = None):
+    """Gradients of fp8_attention_fwd: dO (B, nh, T, hs) E5M2 and its transposed copy do_t, the forward's E4M3
+    q, k, v (+ q_t, k_t), its o and lse -> (dq, dk, dv) (B, nh, T, hs) in o.dtype, (B, T, nh, hs) memory.
+    dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q: FP8 GEMMs with FP32 accumulation."""
+    B, H, T, D = q.shape
+    _check_attn(q, q_t, q.shape, E4M3)
+    _check_attn(k, k_t, q.shape, E4M3)
+    _check_attn(v, None, q.shape, E4M3)
+    _check_attn(do, do_t, q.shape, E5M2)
+    assert o.shape == q.shape and o.transpose(1, 2).is_contiguous() and lse.shape == (B, H, T) and lse.is_contiguous()
+    assert q_t.stride(2) == k_t.stride(2) == do_t.stride(2), "the transposed copies share one padded length MT"
+    sm_scale = sm_scale if sm_scale is not None else D ** -0.5
+    sis = (q_scale_inv, k_scale_inv, v_scale_inv, do_scale_inv)
+    if not use_triton(q):
+        return fp8_attention_bwd_ref(do, q, k, v, o, lse, *sis, sm_scale)
+    dq, dk, dv = (torch.empty(B, T, H, D, dtype=o.dtype, device=q.device).transpose(1, 2) for _ in range(3))
+    delta = torch.empty_like(lse)
+    sizes = (H, T, q_t.stride(2), sm_scale, triton.next_power_of_2(T))
+    dq_args = (q, k, k_t, v, do, o, lse, delta, dq, *sis, *sizes)
+    dkdv_args = (q, q_t, k, v, do, do_t, lse, delta, dk, dv, *sis, *sizes)
+    if INTERPRET:
+        BS = ATTN_INTERPRET_BLOCK
+        grid = (triton.cdiv(T, BS), B * H)
+        _attn_bwd_dq_kernel[grid](*dq_args, HEAD_DIM=D, BLOCK_M=BS, BLOCK_N=BS, SOFT_CVT=True, num_warps=1)
+        _attn_bwd_dkdv_kernel[grid](*dkdv_args, HEAD_DIM=D, BLOCK_M=BS, BLOCK_N=BS, SOFT_CVT=True, num_warps=1)
+    else:  # dQ first: it writes delta, which the dK dV kernel reads
+        _attn_dq_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](*dq_args, HEAD_DIM=D, SOFT_CVT=False)
+        _attn_dkdv_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)](*dkdv_args, HEAD_DIM=D,
+                                                                                 SOFT_CVT=False)
+    return dq, dk, dv

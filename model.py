@@ -1,10 +1,14 @@
 """
-model.py: a GPT language model in one file, in two architectures (and a place for a third).
+model.py: a GPT language model in one file, in three architectures, and its FP8 health monitor.
 
   arch="gpt2"   nanoGPT / GPT-2: learned positions, LayerNorm, GELU MLP, biases, LM head tied to wte.
   arch="llama"  RMSNorm, SwiGLU MLP, rotary positions (RoPE), no biases, untied LM head.
-  arch="fog"    the "all GEMMs in FP8" architecture of arXiv 2505.20524 (added by its issue: a new
-                branch in `make_norm` / `make_mlp` / `Attention`, nothing else changes).
+  arch="fog"    FOG, the "all GEMMs in FP8" architecture of arXiv 2505.20524: llama without
+                pre-norms; each branch output RMS-normalised (small gain) before the residual add; QK RMSNorm
+                with frozen gains; embeddings scaled to unit RMS; xIELU MLP widened to llama's size (FogBlock).
+
+FP8 health monitor (arXiv 2505.20524: a rising kurtosis foretells FP8 divergence): hooks that live for one probe
+forward (`activation_stats`) and the casts' own counters (`cast_site_stats`), every --monitor_interval steps.
 
 Every projection is a plain nn.Linear, so FP8 is a module swap at build time
 (`fp8.convert_to_fp8(model, level)`); the LM head is named `lm_head`, which the swap keeps in BF16
@@ -19,7 +23,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ARCHS = ("gpt2", "llama")  # "fog" joins here with its issue
+import fp8
+
+ARCHS = ("gpt2", "llama", "fog")
+INIT_STD = 0.02  # GPT-2's init of every Linear and Embedding weight
 
 
 @dataclass(frozen=True)
@@ -31,15 +38,15 @@ class GPTConfig:
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0
-    rope_theta: float = 10000.0  # llama only
+    rope_theta: float = 10000.0  # llama and fog
 
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.arch == "llama" and (self.n_embd // self.n_head) % 2:
-            raise ValueError("llama (RoPE) needs an even head size")
+        if self.arch != "gpt2" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"{self.arch} (RoPE) needs an even head size")
 
     @property
     def bias(self) -> bool:
@@ -75,13 +82,13 @@ PRESETS = {"tiny": tiny, "gpt2-124m": gpt2_124m, "gpt2-350m": gpt2_350m, "gpt-1.
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, gain: float = 1.0):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.full((dim,), gain))
 
-    def forward(self, x):
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+    def forward(self, x):  # in float32 (a no-op on the float32 residual stream; fog's branch outputs are bf16)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps)
 
 
 def make_norm(cfg: GPTConfig) -> nn.Module:
@@ -104,13 +111,46 @@ def apply_rope(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+class CausalSDPA(nn.Module):
+    """Causal softmax(q k^T / sqrt(hs)) v of (B, nh, T, hs) tensors: a module so that FP8 attention is a swap."""
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = dropout
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                              is_causal=True)  # (B, nh, T, hs)
+
+
+def use_fp8_attention(model: nn.Module) -> nn.Module:
+    """Swap every CausalSDPA for fp8.FP8Attention: QK^T and PV (and their backward GEMMs) in FP8 (arXiv
+    2505.20524); at fp8 levels >= 1 (train.py --fp8_attention=1)."""
+    device = next(model.parameters()).device
+    for mod in list(model.modules()):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, CausalSDPA):
+                if child.dropout:
+                    raise ValueError("FP8 attention has no dropout; use dropout=0 or --fp8_attention=0")
+                setattr(mod, name, fp8.FP8Attention(model.config.n_embd, device=device))
+    return model
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head, self.dropout = cfg.n_head, cfg.dropout
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one GEMM
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.rope = cfg.arch == "llama"
+        self.sdpa = CausalSDPA(cfg.dropout)  # fp8.FP8Attention after use_fp8_attention
+        # fog: each head's q and k RMS-normalised with the gain frozen at 1 (so: no parameter), and the softmax
+        # scale left at sdpa's fixed 1/sqrt(hs). Then |q_i|, |k_i| <= sqrt(hs) (each head's squares sum to hs)
+        # and |logit| <= sqrt(hs) whatever the weights: no trainable gain or temperature can sharpen the
+        # softmax (the paper's entropy regularisation) or grow q and k past a bound that FP8 attention could
+        # cast with a fixed scale. Normalised before RoPE: a rotation keeps the bound.
+        self.qk_norm = cfg.arch == "fog"
+        self.q_tap, self.k_tap = nn.Identity(), nn.Identity()  # hook points of the health monitor
+        self.rope = cfg.arch != "gpt2"
         if self.rope:
             cos, sin = rope_tables(cfg)
             self.register_buffer("cos", cos, persistent=False)
@@ -122,32 +162,61 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if self.qk_norm:  # (B, nh, T, hs), over hs; type_as: autocast may run rms_norm in float32
+            q, k = F.rms_norm(q, (q.size(-1),), eps=1e-6).type_as(v), F.rms_norm(k, (k.size(-1),), eps=1e-6).type_as(v)
         if self.rope:
             q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=True)  # (B, nh, T, hs)
+        q, k = self.q_tap(q), self.k_tap(k)  # identity (the monitor hooks them): what the QK^T GEMM reads
+        y = self.sdpa(q, k, v)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
         return self.c_proj(y)
 
 
+def swiglu_hidden(C: int) -> int:
+    """llama's MLP width: 8/3 C, rounded up to a multiple of 64 (keeps FP8 GEMMs aligned)."""
+    return (8 * C // 3 + 63) // 64 * 64
+
+
+class XIELU(nn.Module):
+    """xIELU (arXiv 2411.13010), trainable: alpha_p x^2 + beta x for x > 0, alpha_n (expm1(min(x, eps)) - x) + beta x
+    for x <= 0; alpha_p = softplus(a_p) > 0 and alpha_n = beta + softplus(a_n) > beta keep the shape valid."""
+
+    def __init__(self, alpha_p: float = 0.8, alpha_n: float = 0.8, beta: float = 0.5, eps: float = -1e-6):
+        super().__init__()
+        self.beta, self.eps = beta, eps
+        self.a_p = nn.Parameter(torch.tensor([alpha_p]).expm1().log())  # softplus^-1(alpha_p)
+        self.a_n = nn.Parameter(torch.tensor([alpha_n - beta]).expm1().log())
+
+    def forward(self, x):
+        # (1,) parameters cast to x's dtype: a float32 (1,) tensor would promote the whole (B, T, H) to float32
+        alpha_p, alpha_n = F.softplus(self.a_p).to(x.dtype), (self.beta + F.softplus(self.a_n)).to(x.dtype)
+        neg = alpha_n * (torch.expm1(x.clamp(max=self.eps)) - x)
+        return torch.where(x > 0, alpha_p * x * x, neg) + self.beta * x
+
+
 class MLP(nn.Module):
-    """GELU MLP, 4x wide (gpt2)."""
+    """Non-gated MLP. gpt2: GELU, 4C wide. fog: xIELU, 3/2 * llama's width, so that its two matrices hold as
+    many parameters as SwiGLU's three. Non-gated because the product of SwiGLU's two branches is what
+    grows outliers in long FP8 runs (Fishman et al., arXiv 2409.12517); xIELU (trainable) is one of the
+    paper's non-gated choices, GELU the other."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        hidden = 4 * cfg.n_embd if cfg.arch == "gpt2" else 3 * swiglu_hidden(cfg.n_embd) // 2
+        self.c_fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.act = nn.GELU(approximate="tanh") if cfg.arch == "gpt2" else XIELU()
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # (B, T, C)
+        return self.c_proj(self.act(self.c_fc(x)))  # (B, T, C)
 
 
 class SwiGLU(nn.Module):
-    """SwiGLU MLP (llama): hidden 8/3 C, rounded up to a multiple of 64 (keeps FP8 GEMMs aligned)."""
+    """SwiGLU MLP (llama), swiglu_hidden(C) wide."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        hidden = (8 * cfg.n_embd // 3 + 63) // 64 * 64
+        hidden = swiglu_hidden(cfg.n_embd)
         self.c_fc = nn.Linear(cfg.n_embd, 2 * hidden, bias=False)  # gate and up in one GEMM
         self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=False)
 
@@ -157,7 +226,7 @@ class SwiGLU(nn.Module):
 
 
 def make_mlp(cfg: GPTConfig) -> nn.Module:
-    return MLP(cfg) if cfg.arch == "gpt2" else SwiGLU(cfg)
+    return SwiGLU(cfg) if cfg.arch == "llama" else MLP(cfg)
 
 
 class Block(nn.Module):
@@ -173,6 +242,25 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class FogBlock(nn.Module):
+    """FOG block: x + norm_attn(attn(x)), then x + norm_mlp(mlp(x)). No pre-norm: the QKV and MLP GEMMs read
+    the residual stream itself, as a pre-norm's trainable per-channel gain, right before those GEMMs, is
+    where outlier channels get amplified. What keeps the stream bounded instead is normalising what each
+    branch adds: RMSNorm with its gain initialised at 1/sqrt(2 n_layer) (LayerScale-like), so that the
+    2 n_layer adds take the stream from RMS 1 (the scaled embedding) to ~sqrt(2) at init at any depth,
+    and no branch can add more than its gain, however large its own activations grow."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        gain = 1.0 / math.sqrt(2 * cfg.n_layer)
+        self.attn, self.norm_attn = Attention(cfg), RMSNorm(cfg.n_embd, gain=gain)
+        self.mlp, self.norm_mlp = make_mlp(cfg), RMSNorm(cfg.n_embd, gain=gain)
+
+    def forward(self, x):
+        x = x + self.norm_attn(self.attn(x))
+        return x + self.norm_mlp(self.mlp(x))
+
+
 # ----------------------------------------------------------------------------------------------
 # the model
 
@@ -184,7 +272,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
             drop=nn.Dropout(cfg.dropout),
-            h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+            h=nn.ModuleList([(FogBlock if cfg.arch == "fog" else Block)(cfg) for _ in range(cfg.n_layer)]),
             ln_f=make_norm(cfg),
         ))
         if cfg.arch == "gpt2":
@@ -192,19 +280,25 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)  # name kept: convert_to_fp8 skips it
         if cfg.arch == "gpt2":
             self.transformer.wte.weight = self.lm_head.weight  # weight tying (GPT-2)
+        # fog: the embedding (init RMS INIT_STD) scaled to RMS 1: without pre-norms the stream's scale is real,
+        # and each post-normed branch adds RMS ~1/sqrt(2 n_layer); at 0.02 the token identity would drown
+        # under the first branches. A multiplier, not a std-1 init: Adam's steps (~lr) keep their size
+        # relative to the weights, so the embedding learns at the pace of llama's.
+        self.emb_scale = 1.0 / INIT_STD if cfg.arch == "fog" else 1.0
         self.apply(self._init_weights)
-        # GPT-2 init: residual projections scaled by 1/sqrt(2 * n_layer), two residual adds per block
+        # GPT-2 init: residual projections scaled by 1/sqrt(2 * n_layer), two residual adds per block; not
+        # fog, whose post-norm divides the scale out (smaller weights would only inflate their gradients)
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+            if name.endswith("c_proj.weight") and cfg.arch != "fog":
+                nn.init.normal_(p, mean=0.0, std=INIT_STD / math.sqrt(2 * cfg.n_layer))
 
     def _init_weights(self, m):
         if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            nn.init.normal_(m.weight, mean=0.0, std=INIT_STD)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            nn.init.normal_(m.weight, mean=0.0, std=INIT_STD)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; the position table is left out by default (as nanoGPT: it does no GEMM)."""
@@ -224,6 +318,8 @@ class GPT(nn.Module):
         B, T = idx.size()
         assert T <= self.config.block_size, f"sequence of {T} tokens, block_size is {self.config.block_size}"
         x = self.transformer.wte(idx)  # (B, T, C)
+        if self.emb_scale != 1.0:
+            x = x * self.emb_scale  # fog: unit RMS
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(torch.arange(T, device=idx.device))  # (T, C) broadcast over B
         x = self.transformer.drop(x)
@@ -255,3 +351,93 @@ class GPT(nn.Module):
 def build(cfg: GPTConfig, **overrides) -> GPT:
     """GPT from a config, with field overrides (`build(tiny(), arch="llama")`)."""
     return GPT(replace(cfg, **overrides))
+
+
+# ----------------------------------------------------------------------------------------------
+# FP8 health monitor (arXiv 2505.20524): per-layer activation statistics and per-cast-site counters.
+# Kurtosis mean(x^4) / mean(x^2)^2 is 3 for a normal tensor and grows with the weight of its outliers;
+# a per-tensor FP8 scale is set by the amax, so a rising kurtosis means the bulk of the values sinks
+# towards E4M3's underflow while the outliers ride at its maximum. Nothing here runs unless called:
+# the hooks exist only during `activation_stats`, and the cast counters are kept by the casts anyway.
+
+TAPS = ("resid", "qkv_in", "q", "k", "mlp_pre", "mlp_post", "mlp_out")  # per layer, in forward order
+STATS = ("kurtosis", "rms", "amax")
+
+
+def tensor_stats(x: torch.Tensor) -> torch.Tensor:
+    """(kurtosis, rms, amax) of the whole tensor x (any shape and float dtype), float32 (3,), on x's device.
+    Raw moments (not centred): an FP8 cast sees |x|, not x - mean. Computed on x / amax, where every
+    value is <= 1: no overflow of x^4 in float32 for any bf16 input; kurtosis is scale-free anyway."""
+    x = x.detach().float()
+    amax = x.abs().amax()
+    y2 = (x / amax.clamp_min(torch.finfo(torch.float32).tiny)).square()  # (x / amax)^2 in [0, 1]
+    m2, m4 = y2.mean(), y2.square().mean()
+    kurt = m4 / m2.square().clamp_min(torch.finfo(torch.float32).tiny)  # an all-zero tensor: 0, not NaN
+    return torch.stack([kurt, amax * m2.sqrt(), amax])
+
+
+def _tap_points(block: nn.Module):
+    """(tap name, module, reads the module's input (pre-hook) instead of its output) for one block."""
+    a, m = block.attn, block.mlp
+    return (("resid", block, False), ("qkv_in", a.c_attn, True), ("q", a.q_tap, False), ("k", a.k_tap, False),
+            ("mlp_pre", m.c_fc, False), ("mlp_post", m.c_proj, True), ("mlp_out", m.c_proj, False))
+
+
+@torch.no_grad()
+def activation_stats(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """One forward of idx (B, T) with statistics hooks on every tap -> (n_layer, len(TAPS), len(STATS))
+    float32 on device, no host sync. The hooks are removed before returning. Call it in eval mode (FP8
+    casts then record nothing): the FP8 weight copies are restored after, so a cached copy that a CUDA
+    graph or an FP8 all-gather keeps up to date is not replaced by this forward's own."""
+    blocks = model.transformer.h
+    out = torch.zeros(len(blocks), len(TAPS), len(STATS), device=idx.device)
+    cached = [(m, m._weight_fp8_t) for m in model.modules() if isinstance(m, fp8.FP8Linear)]
+
+    def hook(layer: int, tap: int, pre: bool):
+        def fn(module, args, output=None):
+            out[layer, tap] = tensor_stats(args[0] if pre else output)
+        return fn
+
+    handles = [(mod.register_forward_pre_hook if pre else mod.register_forward_hook)(hook(layer, TAPS.index(name), pre))
+               for layer, block in enumerate(blocks) for name, mod, pre in _tap_points(block)]
+    try:
+        model(idx)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, w_t in cached:
+            m._weight_fp8_t = w_t
+    return out
+
+
+def cast_site_stats(model: nn.Module, n_tokens: int):
+    """The FP8 cast sites' counters of the current step: (names, (n_sites, 2) float32 fractions of the
+    values cast that saturated / flushed to zero), device tensor. n_tokens: tokens this rank cast in the
+    step (each site casts n_tokens * features values). Read before train.read_saturation resets them."""
+    sites = [(n.removeprefix("transformer."), m) for n, m in model.named_modules() if isinstance(m, fp8.ScalingMeta)]
+    if not sites:
+        return [], torch.zeros(0, 2)
+    counts = torch.stack([m.stats for _, m in sites]).float()  # (n_sites, 2)
+    numel = torch.tensor([max(n_tokens * m.features, 1) for _, m in sites], dtype=torch.float32)
+    return [n for n, _ in sites], counts / numel.to(counts.device)[:, None]
+
+
+class KurtosisWatch:
+    """Remembers each (tap, layer)'s kurtosis over the monitor steps; `rising` names those that rose at each
+    of the last `rises` readings and now exceed `threshold`: an outlier build-up under way, which the paper
+    found to precede FP8 divergences by far, long before the loss shows it."""
+
+    def __init__(self, threshold: float, rises: int = 3):
+        self.threshold, self.rises, self.hist = threshold, rises, {}
+
+    def rising(self, kurtosis: dict) -> list:
+        """kurtosis: {tap: [per layer]} of this monitor step -> ["tap[layer]", ...] rising past the threshold."""
+        out = []
+        for tap, per_layer in kurtosis.items():
+            for layer, k in enumerate(per_layer):
+                h = self.hist.setdefault((tap, layer), [])
+                h.append(k)
+                del h[:-(self.rises + 1)]
+                if len(h) > self.rises and k > self.threshold and all(a < b for a, b in zip(h, h[1:])):
+                    out.append(f"{tap}[{layer}]")
+        return out

@@ -4,7 +4,8 @@ optim.py: FP8AdamW, AdamW with decoupled precision (FP8-LM, arXiv 2310.18313, se
 Gradient statistics tolerate low precision, master weights do not. Per FP8Linear weight
 (fp8.is_fp8_param) the optimizer keeps, at level 2:
   weight FP16 (it IS the master: 2 B) + grad FP8 E4M3 + scale (1 B, fp8.fp8_grad)
-  + m1 FP8 E4M3 + per-tensor scale (1 B) + m2 FP16 + per-tensor scale (2 B) = 6 B/param (vs 16).
+  + m1 FP8 E4M3 + per-tensor scale (1 B) + m2 FP16 + per-tensor scale (2 B) = 6 B/param (vs 16),
+plus the FP8 weight copies the GEMMs read (2 B, every level >= 1; bench.py memory measures both).
 Level 1 keeps FP32 m1/m2; master_dtype=torch.float32 adds a separate FP32 master (+4 B).
 Every other parameter (embeddings, norms, biases, LM head) uses p.grad and FP32 states.
 
@@ -14,6 +15,14 @@ The new scales are needed before the new moments exist; they come from a bound t
 exceeded: |m1'| <= b1 |m1| + (1 - b1) |g| with |m1| <= last step's stored amax and
 |g| <= 448 * grad_scale_inv (the FP8 grad's own power-of-two scale), likewise for m2 with g^2.
 So the scale is delayed (previous amax) with an exact margin, and saturation cannot happen.
+
+The same pass writes the next forward's FP8 weight (FP8Linear.weight_fp8 (N, K) and its K-major transposed
+copy (K, N) for the dgrad GEMM, which FP8 tensor cores cannot read transposed), so no layer casts its weight
+again. Its scale comes from |w'| <= (1 - lr wd) |w| + lr max|m_hat / sqrt(v_hat)|, the last a function of
+betas and step alone (adam_update_bound), which holds for exact moments; the quantized ones could exceed it,
+so a weight whose new amax saturated the scale is re-cast with its own scale by the finishing kernel
+(no host sync). Measured on the tiny model: the FP8 weight's SQNR equals a cast after the step (to 0.001 dB),
+no re-cast was ever needed (see _Bucket.step).
 
 Usage:
     opt = FP8AdamW(model.parameters(), lr=6e-4, **LEVEL_DTYPES[2])
@@ -37,15 +46,31 @@ LEVEL_DTYPES = {  # FP8AdamW(..., **LEVEL_DTYPES[level]); DESIGN.md "Levels"
     2: dict(master_dtype=torch.float16, m1_dtype=E4M3, m2_dtype=torch.float16),
 }
 CLIP_EPS = 1e-6  # clip coefficient max_norm / (norm + eps), as torch.nn.utils.clip_grad_norm_
-# elements per program: 8 warps x 8 fp16 = 16-byte accesses; in the interpreter each program costs ~10 ms
-ADAM_BLOCK = 1024 if not kernels.INTERPRET else 4096  # H100 sweep (bench.py optim): 1024 > 2048 > 4096
+# elements per program; in the interpreter each program costs ~10 ms
+# H100 sweep (bench.py optim, 1.3B set, CUDA graph): level-2 kernel 76% of copy bandwidth at 2048 x 4 warps
+# (16 elements per thread), 75% at 1024 x 4, 59% at 1024 x 8; level 1 93-94% at 2048 either way
+ADAM_BLOCK = 2048 if not kernels.INTERPRET else 4096
+ADAM_WARPS = 4 if not kernels.INTERPRET else 1
+# E4M3 stores by the short integer conversion _e4m3_bits (~15 ops) instead of kernels._soft_fp8 (~45): level 2
+# converts 3 values per element (m1, the FP8 weight); at 11-13 bytes per element that is what bounds the kernel
+ADAM_FAST_FP8 = True  # False: the old conversion, for bench.py optim's comparison
+# FP8 weights are stepped in (TILE_ROWS, block // TILE_ROWS) tiles, so that the transposed copy is written as
+# 32-byte row segments (one DRAM sector), not single bytes 768+ apart as a flat 1-D walk would
+TILE_ROWS = 32
+RECAST_SPLIT = 16  # programs per tensor in _finish_kernel: a re-cast (rare) is spread over them
+# the FP8 weight's next scale comes from a bound on |w'| (W_SCALE in _Bucket.step), exact for exact arithmetic;
+# the FP16 rounding of w' adds <= 2^-11 relative and each fp32 operation 2^-24: 2^-9 covers both
+W_BOUND_SLACK = 2.0 ** -9
+RECAST_ANY_CHANGE = False  # re-cast when the just-in-time scale differs at all (True), or only when it saturated
+FP8_WEIGHT_IN_STEP = True  # the step writes the FP8 weights (False: each layer casts its own after the step)
 SUMSQ_BLOCK = 4096
 # per-tensor scalars of one launch, rows of a float32 (N_META, n) table
 # (device-side, so that lr and the step count may be device tensors: no host sync, CUDA-graph safe)
-G_SI, ACTIVE, M1_SI, M1_SCALE, M1_SI_NEW, M2_SI, M2_SCALE, M2_SI_NEW, STEP_SIZE, BC2_SQRT, DECAY = range(11)
-N_META = 11
-# columns of the int64 (n, 8) pointer table: data pointers, then sizes
-T_W, T_G, T_M1, T_M2, T_MASTER, T_NUMEL, T_FIRST_BLOCK, T_HAS_GRAD = range(8)
+G_SI, ACTIVE, M1_SI, M1_SCALE, M1_SI_NEW, M2_SI, M2_SCALE, M2_SI_NEW, STEP_SIZE, BC2_SQRT, DECAY, W_SCALE = range(12)
+N_META = 12
+# columns of the int64 (n, N_COLS) pointer table: data pointers (the last 4 only with FP8 weights), then sizes
+T_W, T_G, T_M1, T_M2, T_MASTER, T_W8, T_W8T, T_WSI, T_WAMAX, T_NUMEL, T_COLS, T_FIRST, T_NBLOCKS = range(13)
+N_PTRS, N_COLS = 9, 13
 
 
 def is_scaled(dtype: torch.dtype) -> bool:
@@ -72,42 +97,101 @@ def pow2_scale(bound: torch.Tensor, dtype: torch.dtype, prev_scale: torch.Tensor
 # the kernel matches it bit for bit, in the interpreter and on the GPU. (With contraction on, the
 # first H100 run differed by 1 fp32 ulp in up to 47% of elements, e.g. m + 0.1 * (g - m) = 0 in the
 # reference but -1.5e-8 * m with an FMA when g = -9m; costs nothing measurable: the kernel is memory-bound.)
+# With FP8 weights (W8) a program steps a 2-D tile instead and also writes the next forward's FP8 weight,
+# (R, C) and its transposed (C, R) copy, scaled by a scale predicted before the step (W_SCALE); the
+# per-block maxima (m1, m2, weight) are reduced per tensor by _finish_kernel, which also re-casts a weight
+# whose prediction saturated. Two launches per bucket, no host sync.
 
 
 @triton.jit
-def _store_state(ptr, offs, mask, x, scale, SCALED: tl.constexpr, FMAX: tl.constexpr, IS_FP8: tl.constexpr):
-    """x (fp32) -> storage dtype (x * scale, saturated); returns max |stored| in scaled units."""
+def _e4m3_bits(x):
+    """fp32 x, |x| <= 448 or NaN (saturated before) -> E4M3 bits as uint8, round to nearest even, in ~15
+    integer ops (kernels._soft_fp8 takes ~45; same bits, test_e4m3_bits_match_torch). Normal range: round
+    the fp32 mantissa to 3 bits (a carry bumps the exponent, as it should) and re-bias the exponent from
+    127 to 7; below 2^-6 (subnormals, step 2^-9): |x| * 2^9 rounded to an integer by adding 2^23."""
+    b = x.to(tl.int32, bitcast=True)
+    a = b & 0x7FFFFFFF
+    normal = ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - (120 << 3)
+    sub = (tl.abs(x) * 512.0 + 8388608.0).to(tl.int32, bitcast=True) - 0x4B000000
+    code = tl.where(a < 0x3C800000, sub, normal)  # 0x3C800000 = 2^-6, the smallest normal
+    code = tl.where(a > 0x7F800000, 0x7F, code)  # NaN
+    return (((b >> 24) & 0x80) | code).to(tl.uint8)
+
+
+@triton.jit
+def _to_e4m3(x, FAST_FP8: tl.constexpr):
+    """Saturated fp32 -> E4M3 bits (uint8). Integer conversions: Triton's fp32 -> fp8 is miscompiled on H100."""
+    if FAST_FP8:
+        q = _e4m3_bits(x)
+    else:
+        q = kernels._soft_fp8(x, 3, -6)
+    return q
+
+
+@triton.jit
+def _store_state(ptr, offs, mask, x, scale, SCALED: tl.constexpr, FMAX: tl.constexpr, IS_FP8: tl.constexpr,
+                 FAST_FP8: tl.constexpr):
+    """x (fp32) -> storage dtype (x * scale, saturated); returns max |stored| in scaled units. Rounding
+    is monotone, so that is the rounded max |x|: one scalar rounding instead of one per element."""
     if SCALED:
         x = tl.clamp(x * scale, -FMAX, FMAX, propagate_nan=tl.PropagateNan.ALL)
-    if IS_FP8:  # integer conversion (kernels._soft_fp8): Triton's fp32 -> fp8 is miscompiled on H100
-        x = kernels._round_to_fp8_grid(x, 3, -6)  # the exact value stored, for the amax
-        q = kernels._soft_fp8(x, 3, -6).to(ptr.dtype.element_ty, bitcast=True)
+    if IS_FP8:
+        tl.store(ptr + offs, _to_e4m3(x, FAST_FP8).to(ptr.dtype.element_ty, bitcast=True), mask=mask)
+        amax = kernels._round_to_fp8_grid(tl.max(tl.abs(x)), 3, -6)
     else:
-        q = x.to(ptr.dtype.element_ty)
-        x = q.to(tl.float32)
-    tl.store(ptr + offs, q, mask=mask)
-    return tl.max(tl.abs(x), axis=0)
+        tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=mask)
+        amax = tl.max(tl.abs(x)).to(ptr.dtype.element_ty).to(tl.float32)
+    return amax
+
+
+@triton.jit
+def _tile(j, R, C, TILE_R: tl.constexpr, TILE_C: tl.constexpr):
+    """Tile j (row-major) of an (R, C) matrix -> offsets in it (TILE_R, TILE_C), in its transpose, and the mask."""
+    n_tc = tl.cdiv(C, TILE_C)
+    rows = (j // n_tc) * TILE_R + tl.arange(0, TILE_R)
+    cols = (j % n_tc) * TILE_C + tl.arange(0, TILE_C)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    return rows[:, None] * C + cols[None, :], cols[None, :] * R + rows[:, None], mask
+
+
+@triton.jit
+def _store_fp8_weight(w8_ptr, w8t_ptr, offs, offs_t, mask, w, scale, FAST_FP8: tl.constexpr):
+    """w (fp32 values of the FP16 weight) * scale, saturated, as E4M3 into w_fp8 (R, C) and w_fp8_t (C, R)."""
+    q = _to_e4m3(tl.clamp(w * scale, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL), FAST_FP8)
+    q = q.to(w8_ptr.dtype.element_ty, bitcast=True)
+    tl.store(w8_ptr + offs, q, mask=mask)
+    tl.store(w8t_ptr + offs_t, q, mask=mask)  # the compiler stages it through shared memory: coalesced rows
+
+
+@triton.jit
+def _ptr(row, col: tl.constexpr, like):
+    """Column col of a pointer-table row as a pointer of like's element type (16-byte aligned, checked)."""
+    return tl.multiple_of(tl.load(row + col).to(tl.pointer_type(like.dtype.element_ty)), 16)
 
 
 @triton.jit
 def _adam_kernel(
-    table_ptr, block_ptr, meta_ptr, amax_ptr,  # int64 (n, 8), int32 (nblocks,), float32 (N_META, n), (2, nblocks)
-    w0_ptr, g0_ptr, m10_ptr, m20_ptr, master0_ptr,  # element types of the columns
+    table_ptr, block_ptr, meta_ptr, part_ptr,  # int64 (n, 13), int32 (nblocks,), float32 (12, n), (3, nblocks)
+    w0_ptr, g0_ptr, m10_ptr, m20_ptr, master0_ptr, w80_ptr,  # element types of the columns
     n, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,  # sizes and hyperparameters (lr: in meta)
     M1_SCALED: tl.constexpr, M1_MAX: tl.constexpr, M1_FP8: tl.constexpr,
     M2_SCALED: tl.constexpr, M2_MAX: tl.constexpr, M2_FP8: tl.constexpr,
-    HAS_MASTER: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_MASTER: tl.constexpr, W8: tl.constexpr, FAST_FP8: tl.constexpr, BLOCK: tl.constexpr, TILE_R: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(block_ptr + pid).to(tl.int64)
-    row = table_ptr + t * 8
-    offs = (pid - tl.load(row + 6)) * BLOCK + tl.arange(0, BLOCK)
-    numel = tl.where(tl.load(meta_ptr + 1 * n + t) != 0, tl.load(row + 5), 0)  # ACTIVE: else all masked off
-    mask = offs < numel
-    w_ptr = tl.multiple_of(tl.load(row + 0).to(tl.pointer_type(w0_ptr.dtype.element_ty)), 16)
-    g_ptr = tl.multiple_of(tl.load(row + 1).to(tl.pointer_type(g0_ptr.dtype.element_ty)), 16)
-    m1_ptr = tl.multiple_of(tl.load(row + 2).to(tl.pointer_type(m10_ptr.dtype.element_ty)), 16)
-    m2_ptr = tl.multiple_of(tl.load(row + 3).to(tl.pointer_type(m20_ptr.dtype.element_ty)), 16)
+    row = table_ptr + t * 13
+    j = pid - tl.load(row + 11).to(tl.int32)  # T_FIRST: this block's index within its tensor
+    numel = tl.where(tl.load(meta_ptr + 1 * n + t) != 0, tl.load(row + 9), 0).to(tl.int32)  # ACTIVE: else all masked
+    if W8:  # tile j of the (R, C) weight; R, C multiples of 16 (FP8Linear), hinted for 16-byte accesses
+        C = tl.multiple_of(tl.load(row + 10).to(tl.int32), 16)  # T_COLS
+        R = tl.multiple_of(numel // C, 16)
+        offs, offs_t, mask = _tile(j, R, C, TILE_R, BLOCK // TILE_R)
+    else:
+        offs = j * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+    w_ptr, g_ptr = _ptr(row, 0, w0_ptr), _ptr(row, 1, g0_ptr)
+    m1_ptr, m2_ptr = _ptr(row, 2, m10_ptr), _ptr(row, 3, m20_ptr)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(meta_ptr + t)  # G_SI
     m = tl.load(m1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(m2_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -116,7 +200,7 @@ def _adam_kernel(
     if M2_SCALED:
         v = v * tl.load(meta_ptr + 5 * n + t)  # M2_SI
     if HAS_MASTER:
-        master_ptr = tl.multiple_of(tl.load(row + 4).to(tl.pointer_type(master0_ptr.dtype.element_ty)), 16)
+        master_ptr = _ptr(row, 4, master0_ptr)
         w = tl.load(master_ptr + offs, mask=mask, other=0.0)
     else:
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -128,47 +212,122 @@ def _adam_kernel(
     w = w - tl.load(meta_ptr + 8 * n + t) * tl.div_rn(m, denom)  # STEP_SIZE
     if HAS_MASTER:
         tl.store(master_ptr + offs, w, mask=mask)
-    tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=mask)
-    a1 = _store_state(m1_ptr, offs, mask, m, tl.load(meta_ptr + 3 * n + t), M1_SCALED, M1_MAX, M1_FP8)
-    a2 = _store_state(m2_ptr, offs, mask, v, tl.load(meta_ptr + 6 * n + t), M2_SCALED, M2_MAX, M2_FP8)
-    # per-block maxima, reduced per tensor afterwards: atomics on one address per tensor from
+    w = w.to(w_ptr.dtype.element_ty)
+    tl.store(w_ptr + offs, w, mask=mask)
+    a1 = _store_state(m1_ptr, offs, mask, m, tl.load(meta_ptr + 3 * n + t), M1_SCALED, M1_MAX, M1_FP8, FAST_FP8)
+    a2 = _store_state(m2_ptr, offs, mask, v, tl.load(meta_ptr + 6 * n + t), M2_SCALED, M2_MAX, M2_FP8, FAST_FP8)
+    # per-block maxima, reduced per tensor by _finish_kernel: atomics on one address per tensor from
     # thousands of blocks serialize in L2 (measured: level 2 at 54% of copy bandwidth with them)
     nprog = tl.num_programs(0)
     if M1_SCALED:
-        tl.store(amax_ptr + pid, a1 * tl.load(meta_ptr + 4 * n + t))  # M1_SI_NEW: power of 2, exact
+        tl.store(part_ptr + pid, a1 * tl.load(meta_ptr + 4 * n + t))  # M1_SI_NEW: power of 2, exact
     if M2_SCALED:
-        tl.store(amax_ptr + nprog + pid, a2 * tl.load(meta_ptr + 7 * n + t))
+        tl.store(part_ptr + nprog + pid, a2 * tl.load(meta_ptr + 7 * n + t))
+    if W8:  # the next forward's FP8 weight, from the FP16 weight just stored (what a cast after the step reads)
+        w = w.to(tl.float32)
+        _store_fp8_weight(_ptr(row, 5, w80_ptr), _ptr(row, 6, w80_ptr), offs, offs_t, mask, w,
+                          tl.load(meta_ptr + 11 * n + t), FAST_FP8)  # W_SCALE
+        tl.store(part_ptr + 2 * nprog + pid, tl.max(tl.abs(w)))
+
+
+@triton.jit
+def _finish_kernel(
+    table_ptr, meta_ptr, part_ptr, amax_ptr, recast_ptr,  # int64 (n, 13), float32 (12, n), (3, nblocks), (3, n), (n,)
+    w0_ptr, w80_ptr, n, nblocks,  # element types; sizes
+    M1_SCALED: tl.constexpr, M2_SCALED: tl.constexpr, W8: tl.constexpr, RECAST_ANY: tl.constexpr,
+    FAST_FP8: tl.constexpr, BLOCK: tl.constexpr, TILE_R: tl.constexpr, RBLOCK: tl.constexpr,
+):
+    """Program (t, s): amax_out[:, t] = max over tensor t's blocks of _adam_kernel's partial maxima (program 0;
+    every program reduces the weight's, which decides a re-cast). FP8 weights: the scale used (W_SCALE) stands unless it saturated
+    (or, RECAST_ANY, differs from the just-in-time scale of the new amax); then the programs (t, *) re-cast
+    the weight from its new FP16 values with the just-in-time scale, tiles s, s + S, ... Program (t, 0) of an
+    active tensor publishes the layer's weight_scale_inv and weight_amax and counts re-casts."""
+    t = tl.program_id(0)
+    s = tl.program_id(1)
+    row = table_ptr + t * 13
+    first = tl.load(row + 11).to(tl.int32)  # T_FIRST
+    nb = tl.load(row + 12).to(tl.int32)  # T_NBLOCKS
+    a1 = tl.zeros((RBLOCK,), tl.float32)
+    a2 = tl.zeros((RBLOCK,), tl.float32)
+    aw = tl.zeros((RBLOCK,), tl.float32)
+    nb0 = tl.where(s == 0, nb, 0)  # the moments' maxima: program 0 only (the others need the weight's)
+    for k in range(0, nb, RBLOCK):
+        idx = k + tl.arange(0, RBLOCK)
+        m, m0 = idx < nb, idx < nb0
+        if M1_SCALED:
+            a1 = tl.maximum(a1, tl.load(part_ptr + first + idx, mask=m0, other=0.0), tl.PropagateNan.ALL)
+        if M2_SCALED:
+            a2 = tl.maximum(a2, tl.load(part_ptr + nblocks + first + idx, mask=m0, other=0.0), tl.PropagateNan.ALL)
+        if W8:
+            aw = tl.maximum(aw, tl.load(part_ptr + 2 * nblocks + first + idx, mask=m, other=0.0), tl.PropagateNan.ALL)
+    if s == 0:
+        if M1_SCALED:
+            tl.store(amax_ptr + t, tl.max(a1))
+        if M2_SCALED:
+            tl.store(amax_ptr + n + t, tl.max(a2))
+    if W8:
+        amax = tl.max(aw)
+        used = tl.load(meta_ptr + 11 * n + t)  # W_SCALE
+        jit = kernels._pow2_scale(amax, 8, 0x600000, 0)  # as cast_weight: 448 = 1.75 * 2^8
+        if RECAST_ANY:
+            redo = jit != used
+        else:
+            redo = amax * used > 448.0  # exact: used is a power of 2
+        active = tl.load(meta_ptr + 1 * n + t) != 0  # ACTIVE
+        redo = redo & active
+        scale = tl.where(redo, jit, used)
+        if (s == 0) & active:
+            tl.store(amax_ptr + 2 * n + t, amax)
+            tl.store(_ptr(row, 7, amax_ptr), 1.0 / scale)  # T_WSI
+            tl.store(_ptr(row, 8, amax_ptr), amax)  # T_WAMAX
+            tl.store(recast_ptr + t, tl.load(recast_ptr + t) + redo.to(tl.float32))
+        if redo:
+            C = tl.multiple_of(tl.load(row + 10).to(tl.int32), 16)
+            R = tl.multiple_of(tl.load(row + 9).to(tl.int32) // C, 16)
+            w_ptr, w8_ptr, w8t_ptr = _ptr(row, 0, w0_ptr), _ptr(row, 5, w80_ptr), _ptr(row, 6, w80_ptr)
+            for jj in range(s, nb, tl.num_programs(1)):
+                offs, offs_t, mask = _tile(jj, R, C, TILE_R, BLOCK // TILE_R)
+                w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                _store_fp8_weight(w8_ptr, w8t_ptr, offs, offs_t, mask, w, scale, FAST_FP8)
 
 
 @triton.jit
 def _sumsq_kernel(table_ptr, block_ptr, out_ptr, g0_ptr, BLOCK: tl.constexpr):
     """out[pid] = sum of squares of one block of one tensor (per block, so the sum is deterministic)."""
     pid = tl.program_id(0)
-    row = table_ptr + tl.load(block_ptr + pid).to(tl.int64) * 8
-    offs = (pid - tl.load(row + 6)) * BLOCK + tl.arange(0, BLOCK)
-    g_ptr = tl.multiple_of(tl.load(row + 1).to(tl.pointer_type(g0_ptr.dtype.element_ty)), 16)
-    g = tl.load(g_ptr + offs, mask=offs < tl.load(row + 5), other=0.0).to(tl.float32)
+    row = table_ptr + tl.load(block_ptr + pid).to(tl.int64) * 13
+    offs = (pid - tl.load(row + 11)) * BLOCK + tl.arange(0, BLOCK)  # T_FIRST
+    g = tl.load(_ptr(row, 1, g0_ptr) + offs, mask=offs < tl.load(row + 9), other=0.0).to(tl.float32)  # T_NUMEL
     tl.store(out_ptr + pid, tl.sum(g * g, axis=0))
 
 
-_TABLES: dict = {}  # pointer tables by (pointers, block): rebuilt only when a tensor moves
+_TABLES: dict = {}  # pointer tables by (pointers, shapes, block): rebuilt only when a tensor moves
 
 
-def pointer_table(cols: list, has_grad: list, block: int):
-    """cols: 5 lists (w, g, m1, m2, master) of n tensors -> (int64 (n, 8) table, int32 block map, nblocks)."""
-    # numels too: a freed tensor's address is soon reused (CUDA caching allocator) by one of another size
-    key = (tuple(t.data_ptr() for c in cols for t in c), tuple(t.numel() for t in cols[0]), tuple(has_grad), block)
+def pointer_table(cols: list, block: int, tile_rows: int = 0):
+    """cols: N_PTRS lists of n tensors (w, g, m1, m2, master, w_fp8, w_fp8_t, w_scale_inv, w_amax; an unused
+    column repeats another) -> (int64 (n, N_COLS) table, int32 block map, nblocks). tile_rows > 0: a block is a
+    (tile_rows, block // tile_rows) tile of a 2-D tensor (FP8 weights), else a run of `block` elements."""
+    # shapes too: a freed tensor's address is soon reused (CUDA caching allocator) by one of another size
+    key = (tuple(t.data_ptr() for c in cols for t in c), tuple(tuple(t.shape) for t in cols[0]), block, tile_rows)
     if key not in _TABLES:
         if cols[0][0].is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("fused Adam: tensors moved during CUDA-graph capture (were grads set to None?); "
                                "keep them allocated: zero_grad(set_to_none=False)")
         rows, block_map, first = [], [], 0
         for i, w in enumerate(cols[0]):
-            for c in cols:
+            for k, c in enumerate(cols):
                 assert c[i].data_ptr() % 16 == 0 and c[i].is_contiguous(), "fused Adam needs 16-byte aligned, contiguous tensors"
-                assert c[i].numel() == w.numel(), "fused Adam: weight, grad, states and master differ in size"
-            nb = triton.cdiv(w.numel(), block)
-            rows.append([c[i].data_ptr() for c in cols] + [w.numel(), first, int(has_grad[i])])
+                assert k >= T_WSI or c[i].numel() == w.numel(), "fused Adam: weight, grad, states and master differ in size"
+            assert w.numel() < 2 ** 31, "fused Adam indexes within a tensor in int32"
+            if tile_rows:
+                assert w.dim() == 2 and w.shape[0] % 16 == 0 and w.shape[1] % 16 == 0, "FP8 weights: 2-D, dims % 16"
+                assert cols[T_W8T][i].shape == w.shape[::-1], "w_fp8_t is the (C, R) transpose"
+                nb = triton.cdiv(w.shape[0], tile_rows) * triton.cdiv(w.shape[1], block // tile_rows)
+            else:
+                nb = triton.cdiv(w.numel(), block)
+            ncols = w.shape[-1] if w.dim() else 1
+            rows.append([c[i].data_ptr() for c in cols] + [w.numel(), ncols, first, nb])
             block_map += [i] * nb
             first += nb
         dev = cols[0][0].device
@@ -181,7 +340,34 @@ def pointer_table(cols: list, has_grad: list, block: int):
     return _TABLES[key]
 
 
-def adam_step_ref(ws, gs, m1s, m2s, masters, meta, amax_out, hp: dict) -> None:
+def adam_update_bound(beta1: float, beta2: float, step: torch.Tensor) -> torch.Tensor:
+    """Largest |m_hat / sqrt(v_hat)| AdamW can produce at step t (float64, like step), whatever the gradients:
+    |m_t| = (1-b1) |sum_i b1^(t-i) g_i| <= (1-b1) sqrt(S_t) sqrt(v_t / (1-b2)) by Cauchy-Schwarz, with
+    S_t = sum_{k<t} (b1^2/b2)^k, so |m_hat| / sqrt(v_hat) <= (1-b1) sqrt(S_t (1-b2^t) / (1-b2)) / (1-b1^t):
+    1 at t = 1, -> 1.17 for betas (0.9, 0.95), 7.3 for (0.9, 0.999). Exact moments only (see _Bucket.step)."""
+    if beta2 == 0:  # v = g_t^2 alone: m / |g_t| has no bound
+        return torch.full_like(step, float("inf"))
+    r = beta1 ** 2 / beta2
+    s = step if r == 1 else (1 - r ** step) / (1 - r)
+    return (1 - beta1) * torch.sqrt(s * (1 - beta2 ** step) / (1 - beta2)) / (1 - beta1 ** step)
+
+
+def _fp8_weight_ref(w, w8, w8t, w_si, w_amax, used, recasts):
+    """Torch twin of the FP8-weight part of _adam_kernel + _finish_kernel for one tensor (w: the new weight)."""
+    amax = w.float().abs().max().reshape(1)
+    jit = kernels.pow2_scale_ref(amax, E4M3)
+    redo = (jit != used) if RECAST_ANY_CHANGE else (amax * used > kernels.fp8_max(E4M3))
+    scale = torch.where(redo, jit, used)
+    q = (w.float() * scale).clamp(-kernels.fp8_max(E4M3), kernels.fp8_max(E4M3)).to(E4M3)
+    w8.copy_(q)
+    w8t.view(torch.uint8).copy_(q.view(torch.uint8).t())
+    w_si.copy_(1.0 / scale)
+    w_amax.copy_(amax)
+    recasts += redo.float().reshape(())
+    return amax
+
+
+def adam_step_ref(ws, gs, m1s, m2s, masters, meta, amax_out, hp: dict, w8=None, recasts=None) -> None:
     """Pure-torch reference of the fused step (same arguments, same fp32 arithmetic), one tensor at a time."""
     f = {k: torch.tensor(v, dtype=torch.float32) for k, v in hp.items()}
     for i in range(len(ws)):
@@ -211,29 +397,43 @@ def adam_step_ref(ws, gs, m1s, m2s, masters, meta, amax_out, hp: dict) -> None:
                 amax_out[k, i] = dst.float().abs().max() * meta[(M1_SI_NEW, M2_SI_NEW)[k], i]
             else:
                 dst.copy_(x)
+        if w8 is not None:
+            amax_out[2, i] = _fp8_weight_ref(ws[i], *(c[i] for c in w8), meta[W_SCALE, i], recasts[i])
 
 
-def fused_adam_step(ws, gs, m1s, m2s, masters, meta, amax_out, hp: dict, block: int = ADAM_BLOCK) -> None:
-    """One AdamW step of n tensors in one launch. ws/gs/m1s/m2s/masters: lists of n tensors (masters or
+def fused_adam_step(ws, gs, m1s, m2s, masters, meta, amax_out, hp: dict, block: int = ADAM_BLOCK,
+                    w8=None, recasts=None, warps: int = ADAM_WARPS, fast_fp8: bool = ADAM_FAST_FP8) -> None:
+    """One AdamW step of n tensors in two launches. ws/gs/m1s/m2s/masters: lists of n tensors (masters or
     None), gs FP8 (x meta[G_SI]) or float; meta float32 (N_META, n); amax_out float32 (2, n) zeros;
-    hp: python floats beta1, one_minus_beta1, beta2, one_minus_beta2, eps."""
-    assert meta.shape == (N_META, len(ws)) and amax_out.shape == (2, len(ws)) and meta.dtype == torch.float32
+    hp: python floats beta1, one_minus_beta1, beta2, one_minus_beta2, eps.
+    w8 = (w_fp8s (R, C), w_fp8_ts (C, R), scale_invs (1,), amaxes (1,)), lists of n E4M3 / float32 tensors, for
+    2-D ws (R, C % 16 == 0): also write the new FP8 weight with scale meta[W_SCALE] (the just-in-time scale
+    where that saturated: recasts (n,) += 1), its transpose, 1/scale and the new weight's amax (also into
+    amax_out row 2: (3, n) then)."""
+    assert meta.shape == (N_META, len(ws)) and amax_out.shape == (2 + (w8 is not None), len(ws))
+    assert meta.dtype == torch.float32 and (w8 is None or recasts is not None)
     if not kernels.use_triton(ws[0]):
-        return adam_step_ref(ws, gs, m1s, m2s, masters, meta, amax_out, hp)
-    cols = [ws, gs, m1s, m2s, masters if masters is not None else ws]
-    table, bmap, nblocks = pointer_table(cols, [True] * len(ws), block)
-    part = torch.zeros(2, nblocks, device=ws[0].device)  # per-block amaxes of m1, m2
+        return adam_step_ref(ws, gs, m1s, m2s, masters, meta, amax_out, hp, w8, recasts)
+    cols = [ws, gs, m1s, m2s, masters if masters is not None else ws] + (list(w8) if w8 is not None else [ws] * 4)
+    tile_rows = TILE_ROWS if w8 is not None else 0
+    table, bmap, nblocks = pointer_table(cols, block, tile_rows)
+    part = torch.empty(3, nblocks, device=ws[0].device)  # per-block maxima of m1, m2, the weight (rows written only)
     d1, d2 = m1s[0].dtype, m2s[0].dtype
     f32 = {k: torch.tensor(v, dtype=torch.float32).item() for k, v in hp.items()}  # fp32 values, as the ref
+    w80 = w8[0][0] if w8 is not None else ws[0]
     _adam_kernel[(nblocks,)](
-        table, bmap, meta, part, *[c[0] for c in cols], len(ws),
+        table, bmap, meta, part, *[c[0] for c in cols[:5]], w80, len(ws),
         f32["beta1"], f32["one_minus_beta1"], f32["beta2"], f32["one_minus_beta2"], f32["eps"],
         M1_SCALED=is_scaled(d1), M1_MAX=torch.finfo(d1).max, M1_FP8=d1 == E4M3,
         M2_SCALED=is_scaled(d2), M2_MAX=torch.finfo(d2).max, M2_FP8=d2 == E4M3,
-        HAS_MASTER=masters is not None, BLOCK=block,
-        num_warps=8 if not kernels.INTERPRET else 1, enable_fp_fusion=False)  # bit-exact vs adam_step_ref
-    if is_scaled(d1) or is_scaled(d2):  # max over each tensor's blocks (exact, order-free)
-        amax_out.scatter_reduce_(1, bmap.long()[None].expand(2, -1), part, "amax")
+        HAS_MASTER=masters is not None, W8=w8 is not None, FAST_FP8=fast_fp8, BLOCK=block, TILE_R=TILE_ROWS,
+        num_warps=warps, enable_fp_fusion=False)  # bit-exact vs adam_step_ref
+    if is_scaled(d1) or is_scaled(d2) or w8 is not None:
+        _finish_kernel[(len(ws), RECAST_SPLIT if w8 is not None else 1)](
+            table, meta, part, amax_out, recasts if recasts is not None else meta, ws[0], w80, len(ws), nblocks,
+            M1_SCALED=is_scaled(d1), M2_SCALED=is_scaled(d2), W8=w8 is not None, RECAST_ANY=RECAST_ANY_CHANGE,
+            FAST_FP8=fast_fp8, BLOCK=block, TILE_R=TILE_ROWS, RBLOCK=1024 if not kernels.INTERPRET else 64,
+            num_warps=4 if not kernels.INTERPRET else 1)
 
 
 def weighted_sumsq(gs: list, weights: torch.Tensor) -> torch.Tensor:
@@ -243,7 +443,7 @@ def weighted_sumsq(gs: list, weights: torch.Tensor) -> torch.Tensor:
     if not kernels.use_triton(gs[0]):
         ss = torch.stack([g.double().square().sum() for g in gs])
         return torch.where(w != 0, ss * w, torch.zeros_like(w)).sum()
-    table, bmap, nblocks = pointer_table([gs] * 5, [True] * len(gs), SUMSQ_BLOCK)
+    table, bmap, nblocks = pointer_table([gs] * N_PTRS, SUMSQ_BLOCK)
     part = torch.empty(nblocks, dtype=torch.float32, device=gs[0].device)
     _sumsq_kernel[(nblocks,)](table, bmap, part, gs[0], BLOCK=SUMSQ_BLOCK, num_warps=8 if not kernels.INTERPRET else 1)
     wb = w[bmap.long()]  # (nblocks,)
@@ -324,6 +524,17 @@ class _Bucket:
                 st["exp_avg_sq_scale_inv"], st["exp_avg_sq_amax"] = self.meta[2, i:i + 1], self.meta[4, i:i + 1]
             if has_master:
                 st["master"] = p.detach().float().clone()
+        # FP8 weights: the step writes the next forward's FP8 copy (cast here once, from then on by the kernel)
+        self.owners = [p._fp8_owner for p in params] if is_fp8 and FP8_WEIGHT_IN_STEP else []
+        for o in self.owners:
+            o.keep_fp8_weight()
+        self.recasts = torch.zeros(len(params), device=params[0].device)  # FP8 weights re-cast (bound exceeded)
+
+    def w8(self) -> tuple:
+        """The FP8 weight outputs of the step, for fused_adam_step: (w_fp8s, w_fp8_ts, scale_invs, amaxes)."""
+        o = self.owners
+        return ([m.weight_fp8 for m in o], [m._weight_fp8_t for m in o], [m.weight_scale_inv for m in o],
+                [m.weight_amax for m in o])
 
     def grads(self):
         """-> (grad tensors (p itself as a masked-off stand-in where p.grad is None), grad scale_inv (n,),
@@ -363,16 +574,21 @@ class _Bucket:
             meta[row + 1] = 1.0 / meta[row]
         meta[STEP_SIZE] = lr / (1 - beta1 ** step)  # float64, then rounded once to float32
         meta[BC2_SQRT] = (1 - beta2 ** step).sqrt()
-        meta[DECAY] = 1 - lr * group["weight_decay"]
-        amax = torch.zeros(2, len(self.params), device=st.device)
+        decay = 1 - lr * group["weight_decay"]
+        meta[DECAY] = decay
+        w8 = self.w8() if self.owners else None
+        if w8 is not None:  # the new FP8 weight's scale, before it exists: |w'| <= decay |w| + lr |m_hat / sqrt(v_hat)|
+            bound = decay * torch.cat(w8[3]).double() + lr * adam_update_bound(beta1, beta2, step)
+            meta[W_SCALE] = kernels.pow2_scale_bits((bound * (1 + W_BOUND_SLACK)).float(), *kernels.fmax_bits(E4M3), 0)
+        amax = torch.zeros(2 + (w8 is not None), len(self.params), device=st.device)
         hp = dict(beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2, eps=group["eps"])
         masters = [s["master"] for s in self._states] if self.has_master else None
-        fused_adam_step(self.params, gs, self._m1s, self._m2s, masters, meta, amax, hp)
+        fused_adam_step(self.params, gs, self._m1s, self._m2s, masters, meta, amax, hp, w8=w8, recasts=self.recasts)
         # commit the new scales and amaxes of the tensors that stepped
         # (not meta[[M1_SI_NEW, M2_SI_NEW]]: a python-list index is copied host -> device, a sync)
         st[1:3] = torch.where(active, torch.stack((meta[M1_SI_NEW], meta[M2_SI_NEW])), st[1:3])
-        st[3:5] = torch.where(active, amax, st[3:5])
-        for p in self.params if self.is_fp8 else ():  # the layer's cached FP8 weight copy is now stale
+        st[3:5] = torch.where(active, amax[:2], st[3:5])
+        for p in self.params if self.is_fp8 and not self.owners else ():  # the layer casts again when next used
             p._fp8_owner._weight_fp8_t = None
 
     def bind(self, state: dict) -> None:

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
+from typing import Optional
 
 import numpy as np
 import torch
@@ -48,8 +49,9 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 class TrainConfig:
     # what to train
     preset: str = ""  # tiny | gpt2-124m | gpt2-350m | gpt-1.3b; "" = gpt2-124m on a GPU, tiny on CPU
-    arch: str = ""  # gpt2 | llama; "" = gpt2
+    arch: str = ""  # gpt2 | llama | fog; "" = gpt2
     fp8_level: int = -1  # 0..3; -1 = HIGHEST_LEVEL
+    fp8_attention: bool = False  # QK^T and PV (fwd and bwd) in FP8 too (fp8.FP8Attention); levels >= 1
     n_layer: int = 0  # model size overrides; 0 = the preset's
     n_head: int = 0
     n_embd: int = 0
@@ -73,6 +75,8 @@ class TrainConfig:
     # evaluation, logging, checkpoints
     eval_interval: int = 0  # also the checkpoint interval
     eval_iters: int = 0
+    monitor_interval: int = 0  # FP8 health every N steps (kurtosis/RMS/amax per layer, cast-site saturation); 0 = off
+    kurtosis_warn: float = 100.0  # warn when a kurtosis rose 3 monitor steps running to above this (normal: 3)
     resume: bool = False
     compile: bool = False
     cuda_graph: bool = False  # capture the whole training step in a CUDA graph (one GPU)
@@ -88,13 +92,16 @@ class TrainConfig:
                              "weights they do not own); use --compile=0 or --fp8_level=2")
         if self.fp8_level not in (-1, 0, 1, 2, 3):
             raise ValueError(f"--fp8_level must be 0..3 (or -1 = highest), got {self.fp8_level}")
+        if self.fp8_attention and self.fp8_level == 0:
+            raise ValueError("--fp8_attention=1 needs FP8 linears: use --fp8_level >= 1 (or --fp8_attention=0)")
         if self.preset and self.preset not in M.PRESETS:
             raise ValueError(f"--preset must be one of {list(M.PRESETS)}, got {self.preset!r}")
         if self.arch and self.arch not in M.ARCHS:
             raise ValueError(f"--arch must be one of {M.ARCHS}, got {self.arch!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        for name in ("batch_size", "block_size", "max_steps", "eval_interval", "eval_iters", "total_batch_tokens"):
+        for name in ("batch_size", "block_size", "max_steps", "eval_interval", "eval_iters", "total_batch_tokens",
+                     "monitor_interval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
 
@@ -195,13 +202,13 @@ def scaling_metas(model):
     return [m for m in model.modules() if isinstance(m, fp8.ScalingMeta)]
 
 
-def read_saturation(model, n_tokens: int) -> float:
+def read_saturation(model, n_tokens: int) -> Optional[float]:
     """% of FP8-cast values saturated over the last n_tokens training tokens of this rank (all cast
     sites: each casts n_tokens * features values); resets the counters. No host counter runs in the
     forward, so compiled and CUDA-graphed steps count the same."""
-    metas = scaling_metas(model)
+    metas = [m for m in scaling_metas(model) if m.count_stats]  # fp8.count_cast_stats: monitor steps only
     if not metas:
-        return 0.0
+        return None
     n_sat = torch.stack([m.stats[0] for m in metas]).sum().item()
     numel = n_tokens * sum(m.features for m in metas)
     torch._foreach_zero_([m.stats for m in metas])
@@ -482,8 +489,29 @@ class Logger:
         lr = f"{r['lr']:.1e}".replace("e-0", "e-")  # 6.0e-4
         self(dict(type="step", **r),
              f"step {r['step']} | loss {r['loss']:.4f} | lr {lr} | {r['ms']:.0f} ms | {rate} tok/s | mfu {mfu} | "
-             f"mem {r['mem_gb']:.1f} GB | sat {r['sat']:.2f}%" + (f" | mu {r['mu']:g}" if r.get("mu") else "")
+             f"mem {r['mem_gb']:.1f} GB" + (f" | sat {r['sat']:.2f}%" if r["sat"] is not None else "") + (f" | mu {r['mu']:g}" if r.get("mu") else "")
              + (f" | SKIPPED (non-finite, {r['n_skipped']} so far)" if r["skipped"] else ""))
+
+
+def monitor(raw, x, step: int, sites, watch, log, device: str) -> None:
+    """--monitor_interval (arXiv 2505.20524): the step's cast-site fractions `sites` (model.cast_site_stats, read
+    before read_saturation resets the counters), then the activation statistics of one extra forward of its
+    first micro-batch x (B, T) by the just-updated model: eager, in eval mode, with the scaling state frozen,
+    outside any compiled or CUDA graph (hooks are not traced into those). Host syncs on monitor steps only."""
+    raw.eval()
+    with frozen_scaling(raw), torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+        acts = M.activation_stats(raw, x).tolist()  # (n_layer, taps, stats)
+    raw.train()
+    rec = {stat: {tap: [a[t][i] for a in acts] for t, tap in enumerate(M.TAPS)} for i, stat in enumerate(M.STATS)}
+    rec["sites"] = dict(zip(sites[0], sites[1].tolist()))  # name: [saturated, flushed-to-zero] fractions
+    k, tap, layer = max((k, tap, layer) for tap, ks in rec["kurtosis"].items() for layer, k in enumerate(ks))
+    sat, ftz = (max((f[i] for f in rec["sites"].values()), default=0.0) for i in (0, 1))
+    log(dict(type="monitor", step=step, **rec), f"step {step} | monitor | max kurtosis {k:.1f} ({tap}, layer {layer})"
+        f" | worst cast site: sat {100 * sat:.3f}% ftz {100 * ftz:.3f}%")
+    rising = watch.rising(rec["kurtosis"])
+    if rising:
+        log(dict(type="warning", step=step, rising=rising), f"step {step} | WARNING: kurtosis rose {watch.rises} "
+            f"monitor steps in a row to above {watch.threshold:g} at " + ", ".join(rising))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -588,6 +616,8 @@ def build(cfg: TrainConfig, world: int, device: str, ckpt_path: str):
     wrappers: (raw model, model to call, optimizer, first step, skipped steps so far)."""
     torch.manual_seed(cfg.seed)
     raw = fp8.convert_to_fp8(M.GPT(model_config(cfg)).to(device), cfg.fp8_level)
+    if cfg.fp8_attention:
+        M.use_fp8_attention(raw)
     rank = dist.get_rank() if world > 1 else 0
     fc = FP8Comm(raw, cfg.fp8_level, rank, world) if cfg.fp8_level == 3 or (cfg.fp8_level and world > 1) else None
     opt = make_optimizer(raw, cfg, device, owns=fc.owns if fc is not None else None)
@@ -636,6 +666,7 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device: str = "cpu") 
         f"steps {start}..{cfg.max_steps}")
     peak, fpt = peak_flops(device, cfg.fp8_level), raw.flops_per_token(cfg.block_size)
     graphed = GraphedStep(model, raw, opt, params, cfg, device) if use_cuda_graph(cfg, world, device) else None
+    watch = M.KurtosisWatch(cfg.kurtosis_warn)
     for step in range(start, cfg.max_steps + 1):
         if (step % max(cfg.eval_interval, 1) == 0 or step == cfg.max_steps) and not (cfg.resume and step == start):
             val_losses[step] = evaluate(raw, val, cfg, rank, world, device)
@@ -646,20 +677,30 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device: str = "cpu") 
             break
         t0 = time.perf_counter()
         xs, ys = fetch_batches(data, step, cfg, accum, rank, world, device)
-        if graphed is not None:
+        mon = master and cfg.monitor_interval and step % cfg.monitor_interval == 0
+        if mon:  # saturation / flush counts cost the casts half their bandwidth: monitor steps only, eager
+            fp8.count_cast_stats(raw, True)
+        if graphed is not None and not mon:
             loss, found_inf, norm = graphed(xs, ys, lr_at(step, cfg))
         else:
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg)
+            for group in opt.param_groups:  # a graphed run keeps its device lr tensor (the graph reads it)
+                if graphed is not None:
+                    group["lr"].fill_(lr_at(step, cfg))
+                else:
+                    group["lr"] = lr_at(step, cfg)
             loss, found_inf, norm = train_step(model, raw, opt, params, xs, ys, cfg, world, device)
         loss_v, skipped, norm_v = torch.stack([loss.float(), found_inf.float().reshape(()), norm.float()]).tolist()
         dt = time.perf_counter() - t0  # the .tolist() above waited for the step to finish
         losses[step], n_skipped = loss_v, n_skipped + int(skipped)
         consecutive = consecutive + 1 if skipped else 0
         mfu = fpt * total / dt / (peak * world) if peak else None
+        sites = M.cast_site_stats(raw, cfg.batch_size * cfg.block_size * accum) if mon else None
         log.step(step=step, loss=loss_v, lr=lr_at(step, cfg), ms=1e3 * dt, tok_s=total / dt, mfu=mfu,
-                 mem_gb=peak_mem_gb(device), sat=read_saturation(raw, cfg.batch_size * cfg.block_size * accum), grad_norm=norm_v, skipped=bool(skipped),
-                 n_skipped=n_skipped, mu=fp8_comm_mu(raw))
+                 mem_gb=peak_mem_gb(device), sat=read_saturation(raw, cfg.batch_size * cfg.block_size * accum),
+                 grad_norm=norm_v, skipped=bool(skipped), n_skipped=n_skipped, mu=fp8_comm_mu(raw))
+        if mon:
+            fp8.count_cast_stats(raw, False)
+            monitor(raw, xs[0], step, sites, watch, log, device)
         if consecutive >= cfg.max_skips:
             raise Diverged(f"{consecutive} consecutive steps with non-finite loss or gradients: stopping at step "
                            f"{step}. The last good checkpoint is {ckpt_path if os.path.exists(ckpt_path) else 'none'}")
@@ -673,6 +714,8 @@ def sample(cfg: TrainConfig, device: str) -> str:
     import prepare
     ck = torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), map_location=device, weights_only=True)
     m = fp8.convert_to_fp8(M.GPT(M.GPTConfig(**ck["model_config"])), ck["fp8_level"]).to(device)
+    if ck["config"].get("fp8_attention"):
+        M.use_fp8_attention(m)
     m.load_state_dict(ck["model"])
     m.eval()
     enc = prepare.get_tokenizer()
