@@ -325,6 +325,11 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x)
+        return self.head(x, targets)
+
+    def head(self, x, targets=None):
+        """(B, T, C) -> the final norm, LM head and loss, as forward returns them (its own unit, so that
+        train.py --compile_blocks=1 compiles it apart from the blocks)."""
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)

@@ -79,6 +79,8 @@ class TrainConfig:
     kurtosis_warn: float = 100.0  # warn when a kurtosis rose 3 monitor steps running to above this (normal: 3)
     resume: bool = False
     compile: bool = False
+    compile_blocks: bool = False  # with --compile=1: compile one block (reused by all) + the head, not the whole
+    # model: the compile time of one layer instead of n_layer (minutes at 1B+), without cross-block fusion
     cuda_graph: bool = False  # capture the whole training step in a CUDA graph (one GPU)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 1337
@@ -499,7 +501,8 @@ def monitor(raw, x, step: int, sites, watch, log, device: str) -> None:
     first micro-batch x (B, T) by the just-updated model: eager, in eval mode, with the scaling state frozen,
     outside any compiled or CUDA graph (hooks are not traced into those). Host syncs on monitor steps only."""
     raw.eval()
-    with frozen_scaling(raw), torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+    eager = torch.compiler.set_stance("force_eager")  # --compile_blocks compiles raw's blocks in place: hooks need eager
+    with frozen_scaling(raw), torch.autocast(device.split(":")[0], dtype=torch.bfloat16), eager:
         acts = M.activation_stats(raw, x).tolist()  # (n_layer, taps, stats)
     raw.train()
     rec = {stat: {tap: [a[t][i] for a in acts] for t, tap in enumerate(M.TAPS)} for i, stat in enumerate(M.STATS)}
@@ -637,8 +640,19 @@ def build(cfg: TrainConfig, world: int, device: str, ckpt_path: str):
         if fc.part is not None:
             fc.shard_weights()  # level 3: after DDP's initial broadcast and any resume
     if cfg.compile:
-        model = torch.compile(model)
+        model = compile_model(model, raw, cfg.compile_blocks)
     return raw, model, opt, start, n_skipped
+
+
+def compile_model(model, raw, blocks: bool, backend: str = "inductor"):
+    """torch.compile the whole model, or (blocks) each transformer block and the head in place ("regional"
+    compilation: identical blocks share one compiled graph, as dynamo treats their modules as inputs)."""
+    if not blocks:
+        return torch.compile(model, backend=backend)
+    for block in raw.transformer.h:
+        block.compile(backend=backend)
+    raw.head = torch.compile(raw.head, backend=backend)  # an instance attribute: forward calls it
+    return model
 
 
 def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device: str = "cpu") -> dict:
