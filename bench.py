@@ -454,23 +454,50 @@ def allocated(device: str) -> int:
     return sum(storages.values())
 
 
-def measure_memory(name: str, level: int, device: str) -> dict:
+def comm_buffer_bytes(fc) -> int:
+    """Bytes of the buffers an FP8Comm holds between steps (bucket flat + shard, the level-3 partition's
+    all-gather buffers, shared with its reduce), each storage once."""
+    if fc is None:
+        return 0
+    ts = [t for b in fc.reducer.buckets for t in (b.flat, b.shard)]
+    ts += list(fc.part.buffers(fc.mods[0].weight_fp8.device)) if fc.part is not None else []
+    ts += [fc.reducer._zero[1].flat, fc.reducer._zero[1].shard] if fc.reducer._zero is not None else []
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}.values())
+
+
+def measure_memory(name: str, level: int, device: str, env=None) -> dict:
     """Measured bytes of weights + grads + optimizer states at one level (allocator deltas, nothing computed
     from dtypes): the linears are built, run forward + backward (grads as training makes them; the
     activations die with the graph), given their optimizer (train.make_optimizer) and stepped; then their
-    FP8 weight copies are dropped (what that frees is their size); then the same for the other params."""
+    FP8 weight copies are dropped (what that frees is their size); then the same for the other params.
+    Under torchrun (env) the linears' FP8 grads go through train.FP8Comm as in training: levels 1-2 the FP8
+    all-reduce, level 3 the reduce to owners, the owners' step and the FP8 weight all-gather. Level 3 counts
+    the replicated FP8 weight (1 B, the only copy a non-owner has) as the weight. The comm buffers held
+    between steps (comm_buffer_bytes) are taken out of the measured total and reported apart."""
     import train as TR
     cfg = TR.TrainConfig(fp8_level=level, lr=1e-4)
+    world, rank = (env.world_size, env.rank) if env is not None else (1, 0)
     a0 = allocated(device)
     linears = model_linears(name, level, device)
+    mods = nn.ModuleList(linears)
+    fc = TR.FP8Comm(mods, level, rank, world) if level == 3 or (level and world > 1) else None
     for m in linears:
         with torch.autocast(device, dtype=torch.bfloat16):
             m(torch.randn(16, m.in_features, device=device)).float().sum().backward()
-    opt = TR.make_optimizer(nn.ModuleList(linears), cfg, device)
+    if fc is not None and fc.part is not None:
+        fc.shard_weights()  # non-owners drop their FP16 weights
+    opt = TR.make_optimizer(mods, cfg, device, owns=fc.owns if fc is not None else None)
+    if fc is not None:
+        fc.reduce()
     opt.step()
+    if fc is not None and fc.part is not None:
+        fc.gather_weights()
     a1 = allocated(device)
-    for m in linears if level else ():
-        m.weight_fp8, m._weight_fp8_t = torch.empty(0, dtype=fp8.E4M3, device=device), None
+    comm_bytes = comm_buffer_bytes(fc)
+    for m in linears if level else ():  # the copies beside the weight: at level 3 only a (K, N) one, if kept
+        if level < 3:
+            m.weight_fp8 = torch.empty(0, dtype=fp8.E4M3, device=device)
+        m._weight_fp8_t = None
     a2 = allocated(device)
     others = model_others(name, device)
     fill_grads([], others)
@@ -478,22 +505,45 @@ def measure_memory(name: str, level: int, device: str) -> dict:
     opt_rest.step()
     a3 = allocated(device)
     n_lin, n_rest = sum(m.weight.numel() for m in linears), sum(p.numel() for p in others)
-    return dict(params=name, level=level, lin_B_per_param=(a2 - a0) / n_lin, copies_B_per_param=(a1 - a2) / n_lin,
-                rest_B_per_param=(a3 - a2) / n_rest, all_B_per_param=(a3 - a0) / (n_lin + n_rest),
-                n_lin=n_lin, n_all=n_lin + n_rest)
+    return dict(params=name, level=level, world=world, rank=rank,
+                lin_B_per_param=(a2 - a0 - comm_bytes) / n_lin, copies_B_per_param=(a1 - a2) / n_lin,
+                comm_B_per_param=comm_bytes / n_lin, rest_B_per_param=(a3 - a2) / n_rest,
+                all_B_per_param=(a3 - a0) / (n_lin + n_rest), n_lin=n_lin, n_all=n_lin + n_rest)
 
 
 def bench_memory(args) -> dict:
     """Measured bytes/param of weights + grads + optimizer states per level: the linear weights (FP8 at levels
-    >= 1; target <= 6 at level 2, 16 at level 0), their FP8 weight copies (forward and dgrad GEMM operands),
-    the other params, and all of it together (copies included). --device=cpu: the same on CPU."""
+    >= 1; target <= 6 at level 2, 16 at level 0; level 3 under torchrun: <= 2 + 5/N), their FP8 weight copies
+    (forward and dgrad GEMM operands), the comm buffers, the other params, and all of it together.
+    --device=cpu: the same on CPU. Under torchrun every rank measures; rank 0 prints the largest of each."""
     device = "cpu" if args.device == "cpu" else "cuda"
-    rows = [measure_memory(name, level, device) for name in args.sizes for level in (0, 1, 2)]
-    print(f"{'params':<6} {'level':>5} {'linear w+g+states':>17} {'FP8 w copies':>12} {'rest':>6} {'all':>6} "
-          f"{'linear M':>9} {'all M':>7}   (bytes/param)")
-    for r in rows:
-        print(f"{r['params']:<6} {r['level']:>5} {r['lin_B_per_param']:>17.2f} {r['copies_B_per_param']:>12.2f} "
-              f"{r['rest_B_per_param']:>6.2f} {r['all_B_per_param']:>6.2f} {r['n_lin'] / 1e6:>9.1f} {r['n_all'] / 1e6:>7.1f}")
+    env = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        env = comm.setup(device=device)
+        device = str(env.device) if env.device.type == "cuda" else "cpu"
+        torch.cuda.set_device(env.device) if env.device.type == "cuda" else None
+    levels = [lv for lv in args.levels if lv < 3 or env is not None]
+    rows = []
+    for name in args.sizes:
+        for level in levels:
+            r = measure_memory(name, level, "cuda" if device.startswith("cuda") else "cpu", env)
+            if env is not None:  # the rank that holds the most
+                keys = [k for k in r if k.endswith("_per_param")]
+                t = torch.tensor([r[k] for k in keys], dtype=torch.float64, device=env.device)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                r.update(zip(keys, t.tolist()))
+            rows.append(r)
+            gc.collect()
+    if env is None or env.is_master:
+        W = env.world_size if env is not None else 1
+        print(f"{'params':<6} {'level':>5} {'ranks':>5} {'linear w+g+states':>17} {'FP8 w copies':>12} {'comm':>5} "
+              f"{'rest':>6} {'all':>6} {'linear M':>9} {'all M':>7}   (bytes/param; level 3 bound 2 + 5/N = {2 + 5 / W:.2f})")
+        for r in rows:
+            print(f"{r['params']:<6} {r['level']:>5} {r['world']:>5} {r['lin_B_per_param']:>17.3f} "
+                  f"{r['copies_B_per_param']:>12.2f} {r['comm_B_per_param']:>5.2f} {r['rest_B_per_param']:>6.2f} "
+                  f"{r['all_B_per_param']:>6.2f} {r['n_lin'] / 1e6:>9.1f} {r['n_all'] / 1e6:>7.1f}")
+    if env is not None:
+        comm.teardown()
     return dict(bench="memory", device=device, rows=rows)
 
 
@@ -732,6 +782,7 @@ def main(argv=None):
     p.add_argument("--profile", type=int, default=0, help="step: also print the top CUDA kernels per variant")
     p.add_argument("--variants", default="", help="step: only variants whose label contains this; comm: a comma list")
     p.add_argument("--sizes", nargs="+", default=["124M", "1.3B"], choices=list(SHAPES), help="optim, memory")
+    p.add_argument("--levels", nargs="+", type=int, default=[0, 1, 2, 3], help="memory (level 3: under torchrun)")
     p.add_argument("--blocks", nargs="+", type=int, default=[1024, 2048], help="optim: fused-kernel block sizes")
     p.add_argument("--warps", nargs="+", type=int, default=[4, 8], help="optim: fused-kernel warps per program")
     p.add_argument("--sets", default="124m,1.3b", help=f"comm: comma list of {list(SETS)}")
@@ -745,6 +796,8 @@ def main(argv=None):
         if not args.variants:
             args.variants = ",".join(VARIANTS)
         return bench_comm(args)
+    if args.what == ["memory"] and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: every rank
+        return bench_memory(args)
     if not torch.cuda.is_available() and not (args.what == ["memory"] and args.device == "cpu"):
         sys.exit("bench.py measures GPU speed: no CUDA device found")
     if args.what == ["_step1"]:

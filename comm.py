@@ -105,20 +105,26 @@ def greedy_partition(sizes: Sequence[int], world_size: int) -> list[int]:
 
 
 @triton.jit
-def _block_of(ptrs, meta, blocks, NB, DT: tl.constexpr, BLOCK: tl.constexpr):
+def _block_of(ptrs, meta, blocks, NB, DT: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """This program's block of a multi-tensor table (see _Group): (pointers into the tensor, mask,
-    offsets in the bucket, tensor index). One launch covers every tensor of a dtype in a bucket."""
+    offsets in the bucket, tensor index). One launch covers every tensor of a dtype in a bucket.
+    ALIGNED: every address, size and bucket offset is a multiple of 16 elements (checked by _groups):
+    the hints let the compiler use 16-byte vector accesses (without them it moves FP8 a byte at a time)."""
     pid = tl.program_id(0)
     t = tl.load(blocks + pid)  # table row
-    offs = tl.load(blocks + NB + pid) + tl.arange(0, BLOCK)  # elements of that tensor
-    mask = offs < tl.load(meta + 3 * t)
+    start, numel, at = tl.load(blocks + NB + pid), tl.load(meta + 3 * t), tl.load(meta + 3 * t + 1)
     x_ptr = tl.load(ptrs + t).to(tl.pointer_type(DT))
-    return x_ptr + offs, mask, tl.load(meta + 3 * t + 1) + offs, tl.load(meta + 3 * t + 2)
+    if ALIGNED:
+        start, numel, at = tl.multiple_of(start, 16), tl.multiple_of(numel, 16), tl.multiple_of(at, 16)
+        x_ptr = tl.multiple_of(x_ptr, 16)
+    offs = start + tl.arange(0, BLOCK)  # elements of that tensor
+    return x_ptr + offs, offs < numel, at + offs, tl.load(meta + 3 * t + 2)
 
 
 @triton.jit
-def _mt_amax_kernel(ptrs, meta, blocks, amax_ptr, NB, SRC: tl.constexpr, IS_FP8: tl.constexpr, BLOCK: tl.constexpr):
-    x_ptrs, mask, _, i = _block_of(ptrs, meta, blocks, NB, SRC, BLOCK)
+def _mt_amax_kernel(ptrs, meta, blocks, amax_ptr, NB, SRC: tl.constexpr, IS_FP8: tl.constexpr, BLOCK: tl.constexpr,
+                    ALIGNED: tl.constexpr):
+    x_ptrs, mask, _, i = _block_of(ptrs, meta, blocks, NB, SRC, BLOCK, ALIGNED)
     raw = tl.load(x_ptrs, mask=mask, other=0.0)
     x = raw.to(tl.float32)
     nan = x != x
@@ -131,13 +137,15 @@ def _mt_amax_kernel(ptrs, meta, blocks, amax_ptr, NB, SRC: tl.constexpr, IS_FP8:
 def _mt_prescale_kernel(
     ptrs, meta, blocks, flat_ptr, ratio_ptr, sat_ptr,  # pointers: table, bucket (uint8), ratios (n,), clip count
     NB,  # sizes: blocks in the table
-    SRC: tl.constexpr, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr,
+    SRC: tl.constexpr, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    x_ptrs, mask, y_offs, i = _block_of(ptrs, meta, blocks, NB, SRC, BLOCK)
+    x_ptrs, mask, y_offs, i = _block_of(ptrs, meta, blocks, NB, SRC, BLOCK, ALIGNED)
     r = tl.load(ratio_ptr + i)
     x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     xs = tl.where(r == 0.0, 0.0, x * r)  # ratio 0: an empty gradient (its data may be stale)
-    tl.atomic_add(sat_ptr, tl.sum((tl.abs(xs) > FP8_MAX).to(tl.int64), axis=0))
+    n_sat = tl.sum((tl.abs(xs) > FP8_MAX).to(tl.int32), axis=0)
+    if n_sat > 0:  # rare: an atomic from every one of ~10^5 programs on one address would serialize in L2
+        tl.atomic_add(sat_ptr, n_sat.to(tl.int64))
     y = tl.clamp(xs, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
     # fp32 -> E4M3 by integer arithmetic (kernels._soft_fp8): hardware conversion from fp32 is not
     # trusted (miscompiled by Triton 3.6 on H100; the interpreter drops carries and NaN)
@@ -148,9 +156,9 @@ def _mt_prescale_kernel(
 def _mt_unpack_kernel(
     ptrs, meta, blocks, src_ptr, inv_ptr,  # pointers: table (float tensors), reduced E4M3, scale_inv (n,)
     NB, base, span,  # sizes: src holds bucket elements [base, base + span) (level 3: my shard only)
-    DST: tl.constexpr, BLOCK: tl.constexpr,
+    DST: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    x_ptrs, mask, src_offs, i = _block_of(ptrs, meta, blocks, NB, DST, BLOCK)
+    x_ptrs, mask, src_offs, i = _block_of(ptrs, meta, blocks, NB, DST, BLOCK, ALIGNED)
     mask = mask & (src_offs >= base) & (src_offs < base + span)
     y = tl.load(src_ptr + src_offs - base, mask=mask, other=0.0).to(tl.float32) * tl.load(inv_ptr + i)
     tl.store(x_ptrs, y.to(DST), mask=mask)
@@ -182,6 +190,7 @@ class _Group:
     ptrs: torch.Tensor  # (T,) int64: data addresses
     meta: torch.Tensor  # (T, 3) int64: numel, offset in the bucket, tensor index
     blocks: torch.Tensor  # (2, NB) int64: table row and first element of every BLOCK-sized block
+    aligned: bool  # every address, numel and bucket offset a multiple of 16 elements (vector accesses)
 
 
 def _groups(data: list[torch.Tensor], index: list[int], offset: list[int], device: torch.device) -> list[_Group]:
@@ -190,15 +199,17 @@ def _groups(data: list[torch.Tensor], index: list[int], offset: list[int], devic
         rows = [(data[i].numel(), o, i) for i, o in zip(index, offset) if data[i].dtype == dt]
         blocks = [(t, s) for t, (n, _, _) in enumerate(rows) for s in range(0, n, BLOCK)]
         i64 = dict(dtype=torch.int64, device=device)
-        out.append(_Group(dt, [r[2] for r in rows], torch.tensor([data[r[2]].data_ptr() for r in rows], **i64),
-                          torch.tensor(rows, **i64), torch.tensor(blocks, **i64).t().contiguous()))
+        ptrs = [data[r[2]].data_ptr() for r in rows]
+        aligned = all(n % 16 == 0 and o % 16 == 0 for n, o, _ in rows) and all(p % (16 * dt.itemsize) == 0 for p in ptrs)
+        out.append(_Group(dt, [r[2] for r in rows], torch.tensor(ptrs, **i64), torch.tensor(rows, **i64),
+                          torch.tensor(blocks, **i64).t().contiguous(), aligned))
     return out
 
 
 def _launch(kernel, g: _Group, *args, **meta) -> None:
     NB = g.blocks.shape[1]
     if NB:
-        kernel[(NB,)](g.ptrs, g.meta, g.blocks, *args, NB=NB, BLOCK=BLOCK, num_warps=4, **meta)
+        kernel[(NB,)](g.ptrs, g.meta, g.blocks, *args, NB=NB, BLOCK=BLOCK, ALIGNED=g.aligned, num_warps=4, **meta)
 
 
 def _prescale_ref(x: torch.Tensor, flat: torch.Tensor, off: int, r: torch.Tensor, sat: torch.Tensor) -> None:
@@ -249,18 +260,21 @@ class _Bucket:
     index: list[int]  # tensor indices
     offset: list[int]  # element offset of each in flat
     flat: torch.Tensor  # (W * S,) uint8: the local pre-scaled gradients, then the reduced result
-    recv: torch.Tensor  # (W * S,) uint8: chunk r = rank r's values of my shard
     shard: torch.Tensor  # (S,) uint8: my reduced shard
+    # the receive buffer (chunk r = rank r's values of my shard) is allocated per call: workspace the
+    # caching allocator hands to the next forward's activations, not memory held between steps
     groups: list[_Group] = field(default_factory=list)  # Triton launch tables, for the addresses in key
     key: tuple = ()
 
 
-def _make_bucket(index: list[int], offset: list[int], S: int, W: int, device: torch.device) -> _Bucket:
+def _make_bucket(index: list[int], offset: list[int], S: int, W: int, device: torch.device,
+                 bufs: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> _Bucket:
+    """bufs: (flat, shard) to use (level 3 shares them with the FP8 weight all-gather), else new ones."""
     assert W * S < 2 ** 31, "bucket too large for int32 offsets; lower bucket_bytes"
-    flat = torch.zeros(W * S, dtype=torch.uint8, device=device)  # padding stays 0
-    recv = flat if W == 1 else torch.empty_like(flat)
-    shard = flat if W == 1 else torch.empty(S, dtype=torch.uint8, device=device)
-    return _Bucket(index, offset, flat, recv, shard)
+    if bufs is None:
+        flat = torch.zeros(W * S, dtype=torch.uint8, device=device)  # padding stays 0
+        bufs = flat, flat if W == 1 else torch.empty(S, dtype=torch.uint8, device=device)
+    return _Bucket(index, offset, *bufs)
 
 
 def _unpack(grads: list[Grad], b: _Bucket, src: torch.Tensor, base: int, inv: torch.Tensor, tri: bool) -> None:
@@ -283,6 +297,12 @@ def _unpack(grads: list[Grad], b: _Bucket, src: torch.Tensor, base: int, inv: to
         if not isinstance(grads[i], FP8Tensor):
             x = src[o - base:o - base + grads[i].numel()]
             grads[i].copy_((x.view(E4M3).float() * inv[i]).view_as(grads[i]))
+
+
+def _packed(numels) -> list[int]:
+    """Offsets of tensors packed one after another, each starting on a multiple of ALIGN elements (vector
+    accesses in the kernels), then the end: len(numels) + 1 values."""
+    return [0, *accumulate(kernels.round_up(n, ALIGN) for n in numels)]
 
 
 def _data(g: Grad) -> torch.Tensor:
@@ -334,7 +354,7 @@ class FP8AllReduce:
             size += n
         self.buckets = []
         for idx in groups:
-            offs = [0, *accumulate(numels[i] for i in idx)]
+            offs = _packed(numels[i] for i in idx)
             S = kernels.round_up(triton.cdiv(offs[-1], self.world_size), ALIGN)  # shard elements (= bytes)
             self.buckets.append(_make_bucket(idx, offs[:-1], S, self.world_size, device))
 
@@ -422,17 +442,19 @@ class FP8AllReduce:
         W, grp, fmax = self.world_size, self.group, fp8_max(E4M3)
         rank = dist.get_rank(grp) if W > 1 else 0
         self.sat_count.zero_()
-        works = []
+        works, recvs = [], []
         for b in buckets:  # pack each bucket and start its FP8 reduce-scatter at once
             for g in b.groups if tri else []:
                 _launch(_mt_prescale_kernel, g, b.flat, ratio, self.sat_count, SRC=_TL[g.dtype], FP8_MAX=fmax)
             for i, off in zip(b.index, b.offset) if not tri else []:
                 _prescale_ref(_data(grads[i]), b.flat.view(E4M3), off, ratio[i], self.sat_count)
-            works.append(dist.all_to_all_single(b.recv, b.flat, group=grp, async_op=True) if W > 1 else None)
+            recvs.append(torch.empty_like(b.flat) if W > 1 else b.flat)
+            works.append(dist.all_to_all_single(recvs[-1], b.flat, group=grp, async_op=True) if W > 1 else None)
         for k, b in enumerate(buckets):  # sum my shard, start its FP8 all-gather
             if works[k] is not None:
                 works[k].wait()  # a stream dependency on CUDA, not a host sync
-            _sum_requant(b.recv.view(E4M3).view(W, -1), b.shard.view(E4M3), tri)
+            _sum_requant(recvs[k].view(E4M3).view(W, -1), b.shard.view(E4M3), tri)
+            recvs[k] = None  # back to the allocator (the stream order keeps NCCL's writes before any reuse)
             works[k] = _all_gather(b.flat, b.shard, group=grp, async_op=True) if W > 1 and gather else None
         for b, w in zip(buckets, works):  # unpack: FP8 bytes as they are, scale_inv = 1 / shared scale
             if w is not None:
@@ -456,7 +478,9 @@ class FP8AllReduce:
         assert part.world_size == self.world_size and len(part.owners) == len(grads)
         if self._zero is None or self._zero[0] is not part:
             n = len(grads)
-            self._zero = part, _make_bucket(list(range(n)), part.offset, part.shard, self.world_size, self.mu.device)
+            dev = self.mu.device  # the partition's buffers: the weight all-gather uses them after the step
+            self._zero = part, _make_bucket(list(range(n)), part.offset, part.shard, self.world_size, dev,
+                                            part.buffers(dev))
         return self._run(grads, amaxes, [self._zero[1]], gather=False)
 
 
@@ -476,13 +500,24 @@ class Fp8ZeroPartition:
         self.owners = greedy_partition(self.numels, world_size)
         self.owned = [[i for i in range(len(numels)) if self.owners[i] == r] for r in range(world_size)]
         local = [0] * len(numels)  # offset inside the owner's shard
+        self.scale_at = []
         for idx in self.owned:
-            for i, o in zip(idx, accumulate([0] + [self.numels[i] for i in idx])):
+            offs = _packed(self.numels[i] for i in idx)
+            for i, o in zip(idx, offs):
                 local[i] = o
-        self.scale_at = [kernels.round_up(sum(self.numels[i] for i in idx), 4) for idx in self.owned]
+            self.scale_at.append(offs[-1])
         self.shard = kernels.round_up(max(a + 4 * len(idx) for a, idx in zip(self.scale_at, self.owned)), ALIGN)
         self.offset = [self.owners[i] * self.shard + local[i] for i in range(len(numels))]  # in the flat buffer
         self._bufs: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def buffers(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flat (W * S,), mine (S,)) uint8, made on first use: the FP8 weight all-gather's buffers, also the
+        gradient reduce-scatter's (FP8AllReduce.reduce_to_owners; the two never overlap in a step)."""
+        if self._bufs is None:
+            W, S = self.world_size, self.shard
+            flat = torch.zeros(W * S, dtype=torch.uint8, device=device)
+            self._bufs = flat, flat if W == 1 else torch.zeros(S, dtype=torch.uint8, device=device)
+        return self._bufs
 
     def loads(self) -> list[int]:
         """Elements owned by each rank."""
@@ -495,9 +530,7 @@ class Fp8ZeroPartition:
         place, through one FP8 all-gather of the owner-ordered buffer (1 byte per element + 4 per tensor)."""
         assert len(weights) == len(self.numels) and all(w.data.dtype == E4M3 for w in weights)
         W, S, mine_idx = self.world_size, self.shard, self.owned[rank]
-        if self._bufs is None:
-            self._bufs = tuple(torch.zeros(n, dtype=torch.uint8, device=weights[0].data.device) for n in (W * S, S))
-        flat, mine = self._bufs
+        flat, mine = self.buffers(weights[0].data.device)
         if mine_idx:
             torch._foreach_copy_([mine[self.offset[i] - rank * S:][:self.numels[i]] for i in mine_idx],
                                  [weights[i].data.view(torch.uint8).view(-1) for i in mine_idx])

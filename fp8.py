@@ -281,7 +281,9 @@ class _FP8LinearFn(torch.autograd.Function):
             if torch.is_autocast_enabled(x.device.type) else x.dtype
         out = gemm(x_fp8, w_fp8, x_si, w_si, out_dtype, bias)  # (M, N)
         # FP8 copies are what backward needs: 1 byte per element instead of BF16's 2
-        ctx.save_for_backward(x_fp8_t, x_si, w_fp8_t, w_si, *g_meta_t, *grad_bufs)
+        # w_fp8_t None: the layer keeps no (K, N) copy (keep_weight_t False); backward transposes w_fp8
+        ctx.w_is_t = w_fp8_t is not None
+        ctx.save_for_backward(x_fp8_t, x_si, w_fp8_t if ctx.w_is_t else w_fp8, w_si, *g_meta_t, *grad_bufs)
         ctx.g_meta = g_meta  # not None: prime it on this backward (eager first step only)
         ctx.x_shape, ctx.has_bias, ctx.need_wgrad, ctx.M = x.shape, bias is not None, need_wgrad, x2.shape[0]
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -299,6 +301,8 @@ class _FP8LinearFn(torch.autograd.Function):
         grad_b = torch.empty(N, device=g2.device) if ctx.has_bias else None  # bias grad from the same read of g
         g_fp8, g_fp8_t = cast(g2, E5M2, g_scale, g_amax, g_stats, transpose=ctx.need_wgrad, pad_t=PAD_TOKENS,
                               colsum_out=grad_b)
+        if not ctx.w_is_t:  # a transient transpose: 2 bytes per weight element moved, no memory kept
+            w_t = w_t.view(torch.uint8).t().contiguous().view(w_t.dtype)
         grad_x = gemm(g_fp8, w_t, g_si, w_si, grad_output.dtype)  # (M, N) x (K, N)^T -> (M, K)
         if ctx.need_wgrad:
             accumulate_fp8_grad(grad_fp8, grad_si, grad_amax, g_fp8_t, g_si, x_t, x_si)  # (N, K)
@@ -330,6 +334,9 @@ class FP8Linear(nn.Linear):
         self.register_buffer("weight_amax", torch.zeros(1, device=device), persistent=False)
         self._weight_fp8_t = None  # None: the FP8 copy is stale (update_scaling, load_state_dict)
         self.fp8_weight_kept = False  # True: an optimizer writes the FP8 copy in its step (keep_fp8_weight)
+        # False (with fp8_weight_kept): no (K, N) copy is kept between steps, dgrad transposes the (N, K) one
+        # on the fly: 1 byte per parameter less (level 3's memory budget), a small transpose per backward
+        self.keep_weight_t = True
         self.weight._fp8_owner = self  # fp8_grad(p) finds the buffers through this
 
     def fp8_weight(self):
@@ -350,7 +357,9 @@ class FP8Linear(nn.Linear):
         """For an optimizer whose step writes weight_fp8, its (K, N) copy, weight_scale_inv and weight_amax
         (FP8AdamW): cast them once now, in place; forward then uses them as they are."""
         w_t = cast_weight(self.weight, self.weight_fp8, self.weight_scale_inv, self.weight_amax)
-        if self.fp8_weight_kept:  # same storage: the optimizer's pointer table (and a captured CUDA graph) write there
+        if not self.keep_weight_t:
+            self._weight_fp8_t = None
+        elif self.fp8_weight_kept and self._weight_fp8_t is not None:  # same storage: the optimizer's pointer table (and a captured CUDA graph) write there
             self._weight_fp8_t.copy_(w_t)
         else:
             self._weight_fp8_t = w_t

@@ -155,12 +155,13 @@ def _tile(j, R, C, TILE_R: tl.constexpr, TILE_C: tl.constexpr):
 
 
 @triton.jit
-def _store_fp8_weight(w8_ptr, w8t_ptr, offs, offs_t, mask, w, scale, FAST_FP8: tl.constexpr):
-    """w (fp32 values of the FP16 weight) * scale, saturated, as E4M3 into w_fp8 (R, C) and w_fp8_t (C, R)."""
+def _store_fp8_weight(w8_ptr, w8t_ptr, offs, offs_t, mask, w, scale, FAST_FP8: tl.constexpr, HAS_WT: tl.constexpr):
+    """w (fp32 values of the FP16 weight) * scale, saturated, as E4M3 into w_fp8 (R, C) and (HAS_WT) w_fp8_t (C, R)."""
     q = _to_e4m3(tl.clamp(w * scale, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL), FAST_FP8)
     q = q.to(w8_ptr.dtype.element_ty, bitcast=True)
     tl.store(w8_ptr + offs, q, mask=mask)
-    tl.store(w8t_ptr + offs_t, q, mask=mask)  # the compiler stages it through shared memory: coalesced rows
+    if HAS_WT:
+        tl.store(w8t_ptr + offs_t, q, mask=mask)  # the compiler stages it through shared memory: coalesced rows
 
 
 @triton.jit
@@ -177,6 +178,7 @@ def _adam_kernel(
     M1_SCALED: tl.constexpr, M1_MAX: tl.constexpr, M1_FP8: tl.constexpr,
     M2_SCALED: tl.constexpr, M2_MAX: tl.constexpr, M2_FP8: tl.constexpr,
     HAS_MASTER: tl.constexpr, W8: tl.constexpr, FAST_FP8: tl.constexpr, BLOCK: tl.constexpr, TILE_R: tl.constexpr,
+    HAS_WT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(block_ptr + pid).to(tl.int64)
@@ -226,7 +228,7 @@ def _adam_kernel(
     if W8:  # the next forward's FP8 weight, from the FP16 weight just stored (what a cast after the step reads)
         w = w.to(tl.float32)
         _store_fp8_weight(_ptr(row, 5, w80_ptr), _ptr(row, 6, w80_ptr), offs, offs_t, mask, w,
-                          tl.load(meta_ptr + 11 * n + t), FAST_FP8)  # W_SCALE
+                          tl.load(meta_ptr + 11 * n + t), FAST_FP8, HAS_WT)  # W_SCALE
         tl.store(part_ptr + 2 * nprog + pid, tl.max(tl.abs(w)))
 
 
@@ -235,7 +237,7 @@ def _finish_kernel(
     table_ptr, meta_ptr, part_ptr, amax_ptr, recast_ptr,  # int64 (n, 13), float32 (12, n), (3, nblocks), (3, n), (n,)
     w0_ptr, w80_ptr, n, nblocks,  # element types; sizes
     M1_SCALED: tl.constexpr, M2_SCALED: tl.constexpr, W8: tl.constexpr, RECAST_ANY: tl.constexpr,
-    FAST_FP8: tl.constexpr, BLOCK: tl.constexpr, TILE_R: tl.constexpr, RBLOCK: tl.constexpr,
+    FAST_FP8: tl.constexpr, BLOCK: tl.constexpr, TILE_R: tl.constexpr, RBLOCK: tl.constexpr, HAS_WT: tl.constexpr,
 ):
     """Program (t, s): amax_out[:, t] = max over tensor t's blocks of _adam_kernel's partial maxima (program 0;
     every program reduces the weight's, which decides a re-cast). FP8 weights: the scale used (W_SCALE) stands unless it saturated
@@ -288,7 +290,7 @@ def _finish_kernel(
             for jj in range(s, nb, tl.num_programs(1)):
                 offs, offs_t, mask = _tile(jj, R, C, TILE_R, BLOCK // TILE_R)
                 w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                _store_fp8_weight(w8_ptr, w8t_ptr, offs, offs_t, mask, w, scale, FAST_FP8)
+                _store_fp8_weight(w8_ptr, w8t_ptr, offs, offs_t, mask, w, scale, FAST_FP8, HAS_WT)
 
 
 @triton.jit
@@ -360,7 +362,8 @@ def _fp8_weight_ref(w, w8, w8t, w_si, w_amax, used, recasts):
     scale = torch.where(redo, jit, used)
     q = (w.float() * scale).clamp(-kernels.fp8_max(E4M3), kernels.fp8_max(E4M3)).to(E4M3)
     w8.copy_(q)
-    w8t.view(torch.uint8).copy_(q.view(torch.uint8).t())
+    if w8t is not None:
+        w8t.view(torch.uint8).copy_(q.view(torch.uint8).t())
     w_si.copy_(1.0 / scale)
     w_amax.copy_(amax)
     recasts += redo.float().reshape(())
@@ -408,12 +411,16 @@ def fused_adam_step(ws, gs, m1s, m2s, masters, meta, amax_out, hp: dict, block: 
     hp: python floats beta1, one_minus_beta1, beta2, one_minus_beta2, eps.
     w8 = (w_fp8s (R, C), w_fp8_ts (C, R), scale_invs (1,), amaxes (1,)), lists of n E4M3 / float32 tensors, for
     2-D ws (R, C % 16 == 0): also write the new FP8 weight with scale meta[W_SCALE] (the just-in-time scale
-    where that saturated: recasts (n,) += 1), its transpose, 1/scale and the new weight's amax (also into
+    where that saturated: recasts (n,) += 1), its transpose (w_fp8_ts None: not kept), 1/scale and the new weight's amax (also into
     amax_out row 2: (3, n) then)."""
     assert meta.shape == (N_META, len(ws)) and amax_out.shape == (2 + (w8 is not None), len(ws))
     assert meta.dtype == torch.float32 and (w8 is None or recasts is not None)
     if not kernels.use_triton(ws[0]):
         return adam_step_ref(ws, gs, m1s, m2s, masters, meta, amax_out, hp, w8, recasts)
+    assert w8 is None or len({t is None for t in w8[1]}) == 1, "w_fp8_ts: all tensors or none (keep_weight_t)"
+    has_wt = w8 is not None and w8[1][0] is not None
+    if w8 is not None and not has_wt:  # no transposed copies: the (N, K) copies viewed (C, R) hold the table slot
+        w8 = (w8[0], [w.view(w.shape[::-1]) for w in w8[0]], *w8[2:])
     cols = [ws, gs, m1s, m2s, masters if masters is not None else ws] + (list(w8) if w8 is not None else [ws] * 4)
     tile_rows = TILE_ROWS if w8 is not None else 0
     table, bmap, nblocks = pointer_table(cols, block, tile_rows)
@@ -427,12 +434,12 @@ def fused_adam_step(ws, gs, m1s, m2s, masters, meta, amax_out, hp: dict, block: 
         M1_SCALED=is_scaled(d1), M1_MAX=torch.finfo(d1).max, M1_FP8=d1 == E4M3,
         M2_SCALED=is_scaled(d2), M2_MAX=torch.finfo(d2).max, M2_FP8=d2 == E4M3,
         HAS_MASTER=masters is not None, W8=w8 is not None, FAST_FP8=fast_fp8, BLOCK=block, TILE_R=TILE_ROWS,
-        num_warps=warps, enable_fp_fusion=False)  # bit-exact vs adam_step_ref
+        HAS_WT=has_wt, num_warps=warps, enable_fp_fusion=False)  # bit-exact vs adam_step_ref
     if is_scaled(d1) or is_scaled(d2) or w8 is not None:
         _finish_kernel[(len(ws), RECAST_SPLIT if w8 is not None else 1)](
             table, meta, part, amax_out, recasts if recasts is not None else meta, ws[0], w80, len(ws), nblocks,
             M1_SCALED=is_scaled(d1), M2_SCALED=is_scaled(d2), W8=w8 is not None, RECAST_ANY=RECAST_ANY_CHANGE,
-            FAST_FP8=fast_fp8, BLOCK=block, TILE_R=TILE_ROWS, RBLOCK=1024 if not kernels.INTERPRET else 64,
+            FAST_FP8=fast_fp8, BLOCK=block, TILE_R=TILE_ROWS, RBLOCK=1024 if not kernels.INTERPRET else 64, HAS_WT=has_wt,
             num_warps=4 if not kernels.INTERPRET else 1)
 
 

@@ -4,7 +4,7 @@ plot.py: the loss curves and FP8 health of several training runs in one PNG, fro
   python plot.py out/llama/log.jsonl out/fog/log.jsonl --labels=llama,fog --out=fog_vs_llama.png
 
 Left panel: train loss (moving average over --smooth steps) and val loss of every run, one colour per
-run. Then one panel per run that logged FP8 health records (--monitor_interval): the kurtosis of each
+run. With --ref=LABEL, next: every run's loss relative to that run's, in % (convergence checks). Then one panel per run that logged FP8 health records (--monitor_interval): the kurtosis of each
 layer over the steps, the largest of its taps (model.TAPS), log scale, shared by those panels; a
 normal tensor has 3 (dotted). Runs without health records get the loss panel only (convergence plots).
 Needs matplotlib (imported only when drawing).
@@ -52,11 +52,33 @@ def pyplot():
     return plt
 
 
-def plot(runs: dict, out: str, smooth: int = 20) -> None:
-    """runs: {label: read_log(...)} -> PNG at out."""
+def relative_panel(ax, runs: dict, ref: str, smooth: int) -> None:
+    """Each run's loss relative to run ref's, in %: train (moving averages, common steps) and val (dots)."""
+    base = runs[ref]
+    for i, (label, r) in enumerate(runs.items()):
+        if label == ref:
+            continue
+        steps = sorted(set(r["loss"]) & set(base["loss"]))
+        a = moving_average(np.array([r["loss"][s] for s in steps]), smooth)
+        b = moving_average(np.array([base["loss"][s] for s in steps]), smooth)
+        ax.plot(steps, 100 * (a / b - 1), color=f"C{i}", label=f"{label} train")
+        vs = sorted(set(r["val"]) & set(base["val"]))
+        ax.plot(vs, [100 * (r["val"][s] / base["val"][s] - 1) for s in vs], "o--", color=f"C{i}", markersize=4,
+                label=f"{label} val")
+    ax.axhline(0, color="gray", linewidth=1)
+    ax.set(xlabel="step", ylabel=f"loss / {ref} loss - 1 (%)", title=f"relative to {ref}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def plot(runs: dict, out: str, smooth: int = 20, ref: str = "") -> None:
+    """runs: {label: read_log(...)} -> PNG at out. ref: a label; adds the panel of losses relative to it."""
     plt = pyplot()
     health = [label for label, r in runs.items() if r["kurtosis"]]
-    fig, axes = plt.subplots(1, 1 + len(health), figsize=(6 * (1 + len(health)), 4.5), squeeze=False)
+    n = 1 + bool(ref) + len(health)
+    fig, axes = plt.subplots(1, n, figsize=(6 * n, 4.5), squeeze=False)
+    if ref:
+        relative_panel(axes[0, 1], runs, ref, smooth)
     ax = axes[0, 0]
     for i, (label, r) in enumerate(runs.items()):
         steps = sorted(r["loss"])
@@ -69,7 +91,7 @@ def plot(runs: dict, out: str, smooth: int = 20) -> None:
     ax.legend(fontsize=8)
     ks = [k for label in health for per_layer in runs[label]["kurtosis"].values() for k in per_layer if k > 0]
     ks = ks or [NORMAL_KURTOSIS]  # (no positive finite value: NaN activations, or all-zero taps)
-    for ax, label in zip(axes[0, 1:], health):
+    for ax, label in zip(axes[0, 1 + bool(ref):], health):
         steps = sorted(runs[label]["kurtosis"])
         per_layer = np.array([runs[label]["kurtosis"][s] for s in steps])  # (n_steps, n_layer)
         cmap = plt.get_cmap("viridis", per_layer.shape[1])
@@ -91,12 +113,15 @@ def main(argv=None):
     p.add_argument("--labels", default="", help="comma-separated, one per log; default: each log's directory name")
     p.add_argument("--out", default="plot.png")
     p.add_argument("--smooth", type=int, default=20, help="train loss moving-average window, in steps")
+    p.add_argument("--ref", default="", help="a label: also plot every run's loss relative to that run's (%%)")
     args = p.parse_args(argv)
     labels = args.labels.split(",") if args.labels else [os.path.basename(os.path.dirname(os.path.abspath(f)))
                                                           for f in args.logs]
     if len(labels) != len(args.logs) or len(set(labels)) != len(labels):
         raise SystemExit(f"error: need {len(args.logs)} distinct labels, got {labels}")
-    plot({label: read_log(f) for label, f in zip(labels, args.logs)}, args.out, max(args.smooth, 1))
+    if args.ref and args.ref not in labels:
+        raise SystemExit(f"error: --ref={args.ref!r} is not one of the labels {labels}")
+    plot({label: read_log(f) for label, f in zip(labels, args.logs)}, args.out, max(args.smooth, 1), args.ref)
     print(f"wrote {args.out}")
 
 

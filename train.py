@@ -71,9 +71,11 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
+    master: str = "fp16"  # levels >= 1, FP8 linears: fp16 = the FP16 weight is the master (DESIGN) | fp32 = +4 B/param copy
     max_skips: int = 10  # stop after this many consecutive non-finite steps
     # evaluation, logging, checkpoints
     eval_interval: int = 0  # also the checkpoint interval
+    save_ckpt: bool = True  # write checkpoints (eval steps and the end); 0 for timing runs of big models
     eval_iters: int = 0
     monitor_interval: int = 0  # FP8 health every N steps (kurtosis/RMS/amax per layer, cast-site saturation); 0 = off
     kurtosis_warn: float = 100.0  # warn when a kurtosis rose 3 monitor steps running to above this (normal: 3)
@@ -100,6 +102,8 @@ class TrainConfig:
             raise ValueError(f"--preset must be one of {list(M.PRESETS)}, got {self.preset!r}")
         if self.arch and self.arch not in M.ARCHS:
             raise ValueError(f"--arch must be one of {M.ARCHS}, got {self.arch!r}")
+        if self.master not in ("fp16", "fp32"):
+            raise ValueError(f"--master must be fp16 or fp32, got {self.master!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         for name in ("batch_size", "block_size", "max_steps", "eval_interval", "eval_iters", "total_batch_tokens",
@@ -245,6 +249,8 @@ class FP8Comm:
         self.part = comm.Fp8ZeroPartition([m.weight.numel() for m in self.mods], world) if level == 3 else None
         self.mine = [self.part is None or self.part.owners[i] == rank for i in range(len(self.mods))]
         self._owned = {id(m.weight) for m, mine in zip(self.mods, self.mine) if mine}
+        for m in self.mods if self.part is not None else ():  # level 3 keeps 1 byte per weight: no (K, N) copy
+            m.keep_weight_t = False
 
     def owns(self, p) -> bool:
         """This rank keeps p's optimizer state and steps it (every param below level 3)."""
@@ -273,8 +279,8 @@ class FP8Comm:
         self.part.all_gather_weights([fp8.FP8Tensor(m.weight_fp8, m.weight_scale_inv) for m in self.mods],
                                      self.rank)
         for m, mine in zip(self.mods, self.mine):
-            if not mine:  # (K, N) copy for dgrad, as cast_weight makes it; uint8: CPU transposes of FP8
-                m._weight_fp8_t = m.weight_fp8.view(torch.uint8).t().contiguous().view(m.weight_fp8.dtype)
+            if not mine:  # forward uses the gathered copy as it is; dgrad transposes it (keep_weight_t False)
+                m.fp8_weight_kept, m._weight_fp8_t = True, None
 
     @torch.no_grad()
     def shard_weights(self) -> None:
@@ -316,6 +322,8 @@ def make_optimizer(model, cfg: TrainConfig, device: str, owns=None):
     if cfg.fp8_level == 0:
         return torch.optim.AdamW(groups, fused=True, capturable=cfg.cuda_graph, **kw)  # capturable: graphs
     dtypes = optim.LEVEL_DTYPES[min(cfg.fp8_level, 2)]  # level 3 keeps level 2's states, on the owners
+    if cfg.master == "fp32":  # a separate FP32 master: updates below the FP16 weight's ulp are kept
+        dtypes = dict(dtypes, master_dtype=torch.float32)
     return optim.FP8AdamW(groups, weight_decay=cfg.weight_decay, **dtypes, **kw)
 
 
@@ -685,7 +693,7 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device: str = "cpu") 
         if (step % max(cfg.eval_interval, 1) == 0 or step == cfg.max_steps) and not (cfg.resume and step == start):
             val_losses[step] = evaluate(raw, val, cfg, rank, world, device)
             log(dict(type="eval", step=step, val_loss=val_losses[step]), f"step {step} | val loss {val_losses[step]:.4f}")
-            if step > 0:  # every rank: level 3 gathers the owners' states; rank 0 writes
+            if step > 0 and cfg.save_ckpt:  # every rank: level 3 gathers the owners' states; rank 0 writes
                 save_checkpoint(ckpt_path, raw, opt, step, cfg, n_skipped)
         if step == cfg.max_steps:
             break
@@ -718,7 +726,7 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device: str = "cpu") 
         if consecutive >= cfg.max_skips:
             raise Diverged(f"{consecutive} consecutive steps with non-finite loss or gradients: stopping at step "
                            f"{step}. The last good checkpoint is {ckpt_path if os.path.exists(ckpt_path) else 'none'}")
-    log({}, f"done: checkpoint {ckpt_path} | log {log_path} | {n_skipped} skipped steps")
+    log({}, f"done: checkpoint {ckpt_path if cfg.save_ckpt else '(none: --save_ckpt=0)'} | log {log_path} | {n_skipped} skipped steps")
     return dict(losses=losses, val_losses=val_losses, n_skipped=n_skipped, ckpt=ckpt_path, log=log_path, model=raw)
 
 
