@@ -1458,6 +1458,7 @@ def test_prepare_small_text(tmp_path):
     (["--fp8_level=3", "--compile=1"], "not supported at --fp8_level=3"),
     (["--fp8_level=7"], "must be 0..3"),
     (["--preset=gpt-5"], "--preset must be one of"),
+    (["--master=bf16"], "--master must be fp16 or fp32"),
     (["--batch_size=4", "--block_size=32", "--total_batch_tokens=100"], "not a multiple"),
 ])
 def test_bad_flags_error(argv, message, data_dir, tmp_path, capsys):
@@ -1465,6 +1466,27 @@ def test_bad_flags_error(argv, message, data_dir, tmp_path, capsys):
         TR.main(argv + ["--device=cpu", f"--data_dir={data_dir}", f"--out_dir={tmp_path}"])
     err = str(e.value.code) + capsys.readouterr().err
     assert (message or "error") in err
+
+
+@pytest.mark.parametrize("master", ["fp16", "fp32"])
+def test_master_flag_keeps_small_updates(master):
+    """--master=fp32 gives the FP8 linears an FP32 master: 100 updates of 1/8 FP16 ulp each move the weight
+    by 12.5 ulps (fp16 master: rounding drops every one of them)."""
+    torch.manual_seed(0)
+    model = fp8.convert_to_fp8(nn.Sequential(nn.Linear(32, 32, bias=False)), 1)  # FP32 moments: exact ratio
+    w = model[0].weight
+    w.data.fill_(1.0)  # FP16 ulp at 1.0: 2^-10
+    opt = TR.make_optimizer(model, TR.TrainConfig(fp8_level=1, lr=2.0 ** -13, weight_decay=0.0, master=master), "cpu")
+    for _ in range(100):  # Adam's first steps move each weight by ~lr (|m_hat / sqrt(v_hat)| = 1 for a steady grad)
+        q = FP8Tensor.quantize(torch.full((32, 32), 0.5))
+        model[0].weight_grad_fp8.copy_(q.data)
+        model[0].weight_grad_scale_inv.copy_(q.scale_inv)
+        opt.step()
+    moved = (1.0 - w.float()).mean().item() / 2.0 ** -10  # in FP16 ulps
+    if master == "fp16":
+        assert moved == 0.0
+    else:
+        assert 12.0 < moved < 13.0, moved
 
 
 def test_flags_parse_and_resolve():
