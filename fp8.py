@@ -13,16 +13,14 @@ FP8-LM (arXiv 2310.18313) section 2 / DESIGN.md "Numerics conventions":
 
 Usage:  model = convert_to_fp8(model, level=1); loss.backward(); update_scaling(model)
 """
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import kernels
-from kernels import E4M3, E5M2, fp8_max
+from kernels import E4M3, E5M2
 
 FP8_LEVELS = (0, 1, 2, 3)
 MIN_FP8_FEATURES = 16  # both GEMM operands are K-major over in/out features: 16-byte rows (kernels.K_ALIGN)
