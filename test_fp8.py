@@ -1718,6 +1718,50 @@ def torch_kernels() -> None:
     kernels.INTERPRET = False
 
 
+# bench.py memory: the bytes/param the README reports, measured on CPU by a census of live tensor storages.
+# 0.1 B/param: the tiny set's per-tensor scalars (scales, amaxes, step counters) over its 0.1M linear params.
+BENCH_MEM_TOL = 0.1
+
+
+def _memory_args(levels):
+    import argparse
+    return argparse.Namespace(device="cpu", sizes=["tiny"], levels=levels)
+
+
+def test_bench_memory_bytes_per_param_cpu():
+    import bench
+    rows = bench.bench_memory(_memory_args([0, 1, 2, 3]))["rows"]
+    assert [r["level"] for r in rows] == [0, 1, 2]  # level 3 is measured under torchrun only
+    for r, want in zip(rows, (16.0, 11.0, 6.0)):  # w + g + states of the FP8 linears: DESIGN's levels table
+        assert abs(r["lin_B_per_param"] - want) <= BENCH_MEM_TOL, r
+        assert abs(r["copies_B_per_param"] - (2.0 if r["level"] else 0.0)) <= BENCH_MEM_TOL, r  # FP8 w and w^T
+
+
+def _bench_memory_worker(rank: int, port: int, out: str) -> None:
+    torch_kernels()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import bench
+    rows = bench.bench_memory(_memory_args([2, 3]))["rows"]
+    if rank == 0:
+        torch.save(rows, out)
+
+
+def test_bench_memory_level3_two_ranks(tmp_path):
+    """Level 3 keeps 1 B of FP8 weight + 1 B of FP8 grad everywhere and 5 B of state on the owner only:
+    <= 2 + 5 x (the largest rank's share of the elements), with no transposed weight copy."""
+    import bench
+    out = str(tmp_path / "rows.pt")
+    mp.spawn(_bench_memory_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    l2, l3 = torch.load(out, weights_only=True)
+    sizes = [m.weight.numel() for m in bench.model_linears("tiny", 1, "cpu")]
+    share = max(comm.Fp8ZeroPartition(sizes, WORLD).loads()) / sum(sizes)
+    assert l3["world"] == WORLD and l3["lin_B_per_param"] <= 2 + 5 * share + BENCH_MEM_TOL, (l3, share)
+    assert l3["copies_B_per_param"] <= BENCH_MEM_TOL < l2["copies_B_per_param"] - 1.9, (l2, l3)
+    assert abs(l2["lin_B_per_param"] - 6.0) <= BENCH_MEM_TOL  # level 2 under torchrun: the same 6 bytes
+
+
 def _train_worker(rank: int, port: int, argv: list, out_dir: str, poison_step) -> None:
     torch_kernels()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
