@@ -23,6 +23,9 @@ import kernels
 from kernels import E4M3, E5M2
 
 FP8_LEVELS = (0, 1, 2, 3)
+# which of a linear's GEMMs (fwd, dgrad, wgrad) sum in FP32 beyond one K tile on sm_90 (kernels.fp8_gemm
+# precise). "bwd" is torchao's choice (fast accumulation in the forward only), "all" DeepSeek-V3's
+PRECISE_ACC = {"none": (False, False, False), "bwd": (False, True, True), "all": (True, True, True)}
 MIN_FP8_FEATURES = 16  # both GEMM operands are K-major over in/out features: 16-byte rows (kernels.K_ALIGN)
 PAD_TOKENS = 16  # token dim of the transposed copies (the K of the weight-gradient GEMM) padded to this
 
@@ -182,12 +185,12 @@ def _(x, amax):
 
 @torch.library.custom_op("nanofp8::gemm", mutates_args=())
 def _gemm_op(a: torch.Tensor, b: torch.Tensor, a_scale_inv: torch.Tensor, b_scale_inv: torch.Tensor,
-             out_dtype: torch.dtype, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return kernels.fp8_gemm(a, b, a_scale_inv, b_scale_inv, out_dtype, bias)
+             out_dtype: torch.dtype, bias: Optional[torch.Tensor], precise: bool) -> torch.Tensor:
+    return kernels.fp8_gemm(a, b, a_scale_inv, b_scale_inv, out_dtype, bias, precise=precise)
 
 
 @_gemm_op.register_fake
-def _(a, b, a_scale_inv, b_scale_inv, out_dtype, bias):
+def _(a, b, a_scale_inv, b_scale_inv, out_dtype, bias, precise):
     return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
 
 
@@ -195,13 +198,13 @@ def _(a, b, a_scale_inv, b_scale_inv, out_dtype, bias):
 # adds the running FP8 sum and takes the amax, is its own op with required arguments)
 @torch.library.custom_op("nanofp8::gemm_acc_fp8", mutates_args=("amax_out",))
 def _gemm_acc_op(a: torch.Tensor, b: torch.Tensor, a_scale_inv: torch.Tensor, b_scale_inv: torch.Tensor,
-                 prev: torch.Tensor, prev_scale_inv: torch.Tensor, amax_out: torch.Tensor) -> torch.Tensor:
+                 prev: torch.Tensor, prev_scale_inv: torch.Tensor, amax_out: torch.Tensor, precise: bool) -> torch.Tensor:
     return kernels.fp8_gemm(a, b, a_scale_inv, b_scale_inv, torch.float32, acc_fp8=(prev, prev_scale_inv),
-                            amax_out=amax_out)
+                            amax_out=amax_out, precise=precise)
 
 
 @_gemm_acc_op.register_fake
-def _(a, b, a_scale_inv, b_scale_inv, prev, prev_scale_inv, amax_out):
+def _(a, b, a_scale_inv, b_scale_inv, prev, prev_scale_inv, amax_out, precise):
     return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.float32)
 
 
@@ -234,12 +237,14 @@ def amax_into(x, amax):
     return kernels.amax_into(x, amax)
 
 
-def gemm(a, b, a_scale_inv, b_scale_inv, out_dtype=torch.bfloat16, bias=None, acc_fp8=None, amax_out=None):
+def gemm(a, b, a_scale_inv, b_scale_inv, out_dtype=torch.bfloat16, bias=None, acc_fp8=None, amax_out=None,
+         precise=False):
     if torch.compiler.is_compiling():
         if acc_fp8 is not None:
-            return _gemm_acc_op(a, b, a_scale_inv, b_scale_inv, *acc_fp8, amax_out)
-        return _gemm_op(a, b, a_scale_inv, b_scale_inv, out_dtype, bias)
-    return kernels.fp8_gemm(a, b, a_scale_inv, b_scale_inv, out_dtype, bias, acc_fp8=acc_fp8, amax_out=amax_out)
+            return _gemm_acc_op(a, b, a_scale_inv, b_scale_inv, *acc_fp8, amax_out, precise)
+        return _gemm_op(a, b, a_scale_inv, b_scale_inv, out_dtype, bias, precise)
+    return kernels.fp8_gemm(a, b, a_scale_inv, b_scale_inv, out_dtype, bias, acc_fp8=acc_fp8, amax_out=amax_out,
+                            precise=precise)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,19 +261,21 @@ def cast_weight(w: torch.Tensor, w_fp8: torch.Tensor, w_si: torch.Tensor, w_amax
 
 
 @torch.no_grad()
-def accumulate_fp8_grad(grad_fp8, grad_scale_inv, grad_amax, g_t, g_si, x_t, x_si):
+def accumulate_fp8_grad(grad_fp8, grad_scale_inv, grad_amax, g_t, g_si, x_t, x_si, precise=False):
     """grad (N, K) += g_t (N, Mp) @ x_t (K, Mp)^T, kept as FP8 E4M3 + scale. The GEMM epilogue adds
     the running FP8 sum and takes the amax of the result; a just-in-time cast re-quantizes it."""
     grad_amax.zero_()
-    acc = gemm(g_t, x_t, g_si, x_si, torch.float32, acc_fp8=(grad_fp8, grad_scale_inv), amax_out=grad_amax)
+    acc = gemm(g_t, x_t, g_si, x_si, torch.float32, acc_fp8=(grad_fp8, grad_scale_inv), amax_out=grad_amax,
+               precise=precise)
     cast_jit(acc, grad_amax, grad_fp8, grad_scale_inv)  # NaN/Inf in grad_amax: the trainer skips the step
 
 
 class _FP8LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, g_meta, x_meta_t, g_meta_t, grad_bufs, w_fp8_t3):
+    def forward(ctx, x, weight, bias, g_meta, x_meta_t, g_meta_t, grad_bufs, w_fp8_t3, precise):
         # x_meta_t / g_meta_t: (scale, scale_inv, amax slot, stats) of the input / grad_output casts;
-        # w_fp8_t3: the weight already in FP8 (w_fp8 (N, K), w_fp8_t (K, N), scale_inv)
+        # w_fp8_t3: the weight already in FP8 (w_fp8 (N, K), w_fp8_t (K, N), scale_inv);
+        # precise: (fwd, dgrad, wgrad) FP32 promotion of the MMA sums (FP8Linear.precise_acc)
         x_scale, x_si, x_amax, x_stats = x_meta_t
         w_fp8, w_fp8_t, w_si = w_fp8_t3
         K = x.shape[-1]
@@ -277,7 +284,8 @@ class _FP8LinearFn(torch.autograd.Function):
         x_fp8, x_fp8_t = cast(x2, E4M3, x_scale, x_amax, x_stats, transpose=need_wgrad, pad_t=PAD_TOKENS)
         out_dtype = torch.get_autocast_dtype("cuda" if x.is_cuda else "cpu") \
             if torch.is_autocast_enabled(x.device.type) else x.dtype
-        out = gemm(x_fp8, w_fp8, x_si, w_si, out_dtype, bias)  # (M, N)
+        out = gemm(x_fp8, w_fp8, x_si, w_si, out_dtype, bias, precise=precise[0])  # (M, N)
+        ctx.precise = precise
         # FP8 copies are what backward needs: 1 byte per element instead of BF16's 2
         # w_fp8_t None: the layer keeps no (K, N) copy (keep_weight_t False); backward transposes w_fp8
         ctx.w_is_t = w_fp8_t is not None
@@ -301,11 +309,11 @@ class _FP8LinearFn(torch.autograd.Function):
                               colsum_out=grad_b)
         if not ctx.w_is_t:  # a transient transpose: 2 bytes per weight element moved, no memory kept
             w_t = w_t.view(torch.uint8).t().contiguous().view(w_t.dtype)
-        grad_x = gemm(g_fp8, w_t, g_si, w_si, grad_output.dtype)  # (M, N) x (K, N)^T -> (M, K)
+        grad_x = gemm(g_fp8, w_t, g_si, w_si, grad_output.dtype, precise=ctx.precise[1])  # (M, N) x (K, N)^T -> (M, K)
         if ctx.need_wgrad:
-            accumulate_fp8_grad(grad_fp8, grad_si, grad_amax, g_fp8_t, g_si, x_t, x_si)  # (N, K)
+            accumulate_fp8_grad(grad_fp8, grad_si, grad_amax, g_fp8_t, g_si, x_t, x_si, ctx.precise[2])  # (N, K)
         grad_b = grad_b.to(ctx.bias_dtype) if ctx.has_bias else None
-        return grad_x.view(ctx.x_shape), None, grad_b, None, None, None, None, None
+        return grad_x.view(ctx.x_shape), None, grad_b, None, None, None, None, None, None
 
 
 class FP8Linear(nn.Linear):
@@ -335,6 +343,9 @@ class FP8Linear(nn.Linear):
         # False (with fp8_weight_kept): no (K, N) copy is kept between steps, dgrad transposes the (N, K) one
         # on the fly: 1 byte per parameter less (level 3's memory budget), a small transpose per backward
         self.keep_weight_t = True
+        # (fwd, dgrad, wgrad): which GEMMs promote the MMA's partial sums to FP32 every K tile (kernels.fp8_gemm
+        # precise; sm_90 only); PRECISE_ACC names the choices, train.py --precise_acc sets them
+        self.precise_acc = PRECISE_ACC["none"]
         self.weight._fp8_owner = self  # fp8_grad(p) finds the buffers through this
 
     def fp8_weight(self):
@@ -381,7 +392,7 @@ class FP8Linear(nn.Linear):
             x, self.weight, self.bias, g if prime_g else None,
             m.cast_args(record), g.cast_args(),
             (self.weight_grad_fp8, self.weight_grad_scale_inv, self.weight_grad_amax),
-            self.fp8_weight(),
+            self.fp8_weight(), self.precise_acc,
         )
 
     def extra_repr(self):

@@ -318,7 +318,7 @@ def _gemm_kernel(
     M, N, K,  # sizes
     stride_am, stride_bn, stride_cm,  # row strides (K and N are contiguous)
     HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, ACC_FP8: tl.constexpr, HAS_AMAX: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PRECISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Portable tiled FP8 GEMM (Ada, Hopper without TMA, the interpreter)."""
     pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -332,7 +332,10 @@ def _gemm_kernel(
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(offs_n[None, :] < N) & (offs_k[:, None] < k_left), other=0.0)
-        acc = tl.dot(a, b, acc)
+        if PRECISE:  # promote the tensor cores' partial sum to FP32 every BLOCK_K products (see fp8_gemm)
+            acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
+        else:
+            acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     scale = tl.load(a_si_ptr) * tl.load(b_si_ptr)
@@ -410,14 +413,14 @@ def _tma_configs():
     return cfgs
 
 
-@triton.autotune(configs=_tma_configs(), key=["M", "N", "K", "HAS_BIAS", "ACCUMULATE", "ACC_FP8"],
+@triton.autotune(configs=_tma_configs(), key=["M", "N", "K", "HAS_BIAS", "ACCUMULATE", "ACC_FP8", "PRECISE"],
                  restore_value=["c_ptr", "amax_ptr"])
 @triton.jit
 def _gemm_tma_kernel(
     a_desc, b_desc, c_desc, c_ptr, bias_ptr, a_si_ptr, b_si_ptr, prev_ptr, prev_si_ptr, amax_ptr,  # descriptors, pointers
     M, N, K, stride_cm,  # sizes
     HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, ACC_FP8: tl.constexpr, HAS_AMAX: tl.constexpr,
-    NUM_SMS: tl.constexpr,
+    PRECISE: tl.constexpr, NUM_SMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EPI_SPLIT: tl.constexpr, FLATTEN: tl.constexpr,
 ):
@@ -439,7 +442,10 @@ def _gemm_tma_kernel(
         for ki in range(k_tiles):
             a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])  # (BM, BK)
             b = b_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])  # (BN, BK)
-            acc = tl.dot(a, b.T, acc)
+            if PRECISE:
+                acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=BLOCK_K)
+            else:
+                acc = tl.dot(a, b.T, acc)
         tile_c += NUM_SMS
         pid_m, pid_n = _tile_coords(tile_c, num_pid_m, num_pid_n, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -502,6 +508,7 @@ def fp8_gemm(
     acc_fp8: Optional[tuple] = None,
     amax_out: Optional[torch.Tensor] = None,
     backend: str = "triton",
+    precise: bool = False,
 ) -> torch.Tensor:
     """a (M, K) FP8 x b (N, K) FP8 -> (M, N) out_dtype = (a @ b^T) * a_scale_inv * b_scale_inv (+bias).
 
@@ -509,6 +516,10 @@ def fp8_gemm(
     acc_fp8=(prev (M, N) FP8, prev_scale_inv): adds prev * prev_scale_inv (0 = empty) to the result.
     amax_out (float32, 1 element): max(amax_out, max|result|), for a just-in-time cast that follows.
     E4M3 x E4M3 or E5M2 x E4M3 (either order); both operands K-major (row-major, K contiguous).
+    precise: on sm_90 the FP8 MMA keeps ~14 bits of its running sum (DeepSeek-V3 sec. 3.3.2) and Triton's
+    default never leaves it, whatever K is; precise adds each BLOCK_K tile's partial sum to an FP32
+    accumulator instead (max_num_imprecise_acc), as DeepSeek-V3 does every 128 products. Costs some speed;
+    matters for long K (the weight gradient's K is the token count). Other GPUs and the CPU sum exactly.
     """
     assert a.dim() == 2 and b.dim() == 2, "fp8_gemm takes 2-D operands"
     assert a.dtype in FP8_DTYPES and b.dtype in FP8_DTYPES, f"fp8_gemm needs FP8 operands, got {a.dtype}, {b.dtype}"
@@ -541,7 +552,7 @@ def fp8_gemm(
     prev, prev_si = acc_fp8 if acc_fp8 is not None else (a_scale_inv, a_scale_inv)
     amax_arg = amax_out if amax_out is not None else a_scale_inv
     flags = dict(HAS_BIAS=bias is not None, ACCUMULATE=out is not None, ACC_FP8=acc_fp8 is not None,
-                 HAS_AMAX=amax_out is not None)
+                 HAS_AMAX=amax_out is not None, PRECISE=bool(precise))
     tma, nsm = _device_info(a.device.index or 0) if a.is_cuda else (False, 1)
     if tma and not INTERPRET and (N * c.element_size()) % 16 == 0 and c.stride(0) == N:
         from triton.tools.tensor_descriptor import TensorDescriptor

@@ -328,6 +328,43 @@ def test_gemm_epilogue_accumulates_fp8_and_takes_amax():
         assert amax.item() == c.abs().max().item()
 
 
+@needs_triton
+def test_gemm_precise_accumulation():
+    """precise=True (FP32 promotion every K tile): exact sums where the hardware is exact (CPU interpreter:
+    bit-equal to the default); on the GPU at a weight-gradient K (16384 tokens) no worse than the default,
+    whose ~14-bit MMA sum (sm_90) loses precision over long K. Inputs with a large common offset make the
+    running sum large against each product, where a short accumulator rounds most."""
+    M, N, K = shapes((24, 40, 96), (256, 256, 16384))
+    a = (_rand_fp8((M, K), E5M2, 0.3).float() + 2.0).to(E5M2)  # positive offset: sums grow with K
+    b = (_rand_fp8((N, K), E4M3, 0.3).float() + 2.0).to(E4M3)
+    si = torch.tensor([2.0 ** -8], device=DEV)
+    ref = (a.double() @ b.double().t()) * 2.0 ** -16
+    fast = kernels.fp8_gemm(a, b, si, si, torch.float32)
+    precise = kernels.fp8_gemm(a, b, si, si, torch.float32, precise=True)
+    if not CUDA:
+        assert torch.equal(fast, precise)
+    # (1e-7: the two sum in different orders; where the MMA is exact they may differ in the last FP32 bits)
+    assert rel_err(ref, precise) <= rel_err(ref, fast) + 1e-7 and rel_err(ref, precise) < GEMM_REL_TOL_FP32, \
+        (rel_err(ref, precise), rel_err(ref, fast))
+
+
+@pytest.mark.parametrize("policy", ["none", "bwd", "all"])
+def test_linear_precise_acc_reaches_each_gemm(policy, monkeypatch):
+    """FP8Linear.precise_acc (train.py --precise_acc) picks the forward, dgrad and wgrad GEMMs that promote."""
+    seen = []
+    real = kernels.fp8_gemm
+
+    def spy(*args, **kw):
+        seen.append(kw.get("precise", False))
+        return real(*args, **kw)
+    monkeypatch.setattr(kernels, "fp8_gemm", spy)
+    m = fp8.FP8Linear(32, 48, device=DEV)
+    m.precise_acc = fp8.PRECISE_ACC[policy]
+    x = torch.randn(4, 32, device=DEV, requires_grad=True)
+    m(x).sum().backward()
+    assert tuple(seen) == fp8.PRECISE_ACC[policy]  # fwd, dgrad, wgrad: the order the GEMMs run
+
+
 @needs_gpu
 @pytest.mark.parametrize("M,N,K", [(4096, 4096, 4096), (16384, 768, 3072), (2048, 8192, 2048), (1000, 784, 528)])
 def test_gemm_vs_cublas_scaled_mm(M, N, K):
@@ -1459,6 +1496,7 @@ def test_prepare_small_text(tmp_path):
     (["--fp8_level=7"], "must be 0..3"),
     (["--preset=gpt-5"], "--preset must be one of"),
     (["--master=bf16"], "--master must be fp16 or fp32"),
+    (["--precise_acc=fwd"], "--precise_acc must be one of"),
     (["--batch_size=4", "--block_size=32", "--total_batch_tokens=100"], "not a multiple"),
 ])
 def test_bad_flags_error(argv, message, data_dir, tmp_path, capsys):

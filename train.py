@@ -71,6 +71,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
+    precise_acc: str = "none"  # FP8 GEMMs summing in FP32 past one K tile (H100): none | bwd | all (fp8.PRECISE_ACC)
     master: str = "fp16"  # levels >= 1, FP8 linears: fp16 = the FP16 weight is the master (DESIGN) | fp32 = +4 B/param copy
     max_skips: int = 10  # stop after this many consecutive non-finite steps
     # evaluation, logging, checkpoints
@@ -102,6 +103,8 @@ class TrainConfig:
             raise ValueError(f"--preset must be one of {list(M.PRESETS)}, got {self.preset!r}")
         if self.arch and self.arch not in M.ARCHS:
             raise ValueError(f"--arch must be one of {M.ARCHS}, got {self.arch!r}")
+        if self.precise_acc not in fp8.PRECISE_ACC:
+            raise ValueError(f"--precise_acc must be one of {list(fp8.PRECISE_ACC)}, got {self.precise_acc!r}")
         if self.master not in ("fp16", "fp32"):
             raise ValueError(f"--master must be fp16 or fp32, got {self.master!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -627,6 +630,9 @@ def build(cfg: TrainConfig, world: int, device: str, ckpt_path: str):
     wrappers: (raw model, model to call, optimizer, first step, skipped steps so far)."""
     torch.manual_seed(cfg.seed)
     raw = fp8.convert_to_fp8(M.GPT(model_config(cfg)).to(device), cfg.fp8_level)
+    for m in raw.modules():
+        if isinstance(m, fp8.FP8Linear):
+            m.precise_acc = fp8.PRECISE_ACC[cfg.precise_acc]
     if cfg.fp8_attention:
         M.use_fp8_attention(raw)
     rank = dist.get_rank() if world > 1 else 0
