@@ -663,6 +663,19 @@ def _attn_fwd_block(acc, m_i, l_i, q, k_ptr, vt_ptr, n0, offs_m, offs_n, offs_d,
 
 
 @triton.jit
+def _attn_head(H, T, MT, start, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """Program axis 1 = one (batch, head): (bh, C, its offset in the (B*T, C) rows, its offset in the (C, MT)
+    transposed copies, this program's BLOCK token positions from start, their in-range mask, the (BLOCK, hs)
+    row addresses). The layout every attention kernel reads (attn_views)."""
+    bh = tl.program_id(1)
+    C = H * HEAD_DIM
+    row0 = (bh // H) * T * C + (bh % H) * HEAD_DIM  # (b, h, t=0, d=0) in the (B*T, C) rows
+    col0 = (bh % H) * HEAD_DIM * MT + (bh // H) * T  # (b, h, d=0, t=0) in the (C, MT) transposed copies
+    offs = start + tl.arange(0, BLOCK)
+    return bh, C, row0, col0, offs, offs < T, row0 + offs[:, None] * C + tl.arange(0, HEAD_DIM)[None, :]
+
+
+@triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, vt_ptr, o_ptr, lse_ptr, q_si_ptr, k_si_ptr, v_si_ptr,  # pointers
     H, T, MT, sm_scale, T_BUCKET,  # sizes: heads, tokens, row length of the transposed copies; 1/sqrt(hs);
@@ -670,17 +683,10 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFT_CVT: tl.constexpr,
 ):
     """One program: BLOCK_M queries of one (batch, head) against all their keys, online softmax."""
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the last queries have the most keys: start them first
-    bh = tl.program_id(1)
-    C = H * HEAD_DIM
-    row0 = (bh // H) * T * C + (bh % H) * HEAD_DIM  # (b, h, t=0, d=0) in the (B*T, C) rows
-    col0 = (bh % H) * HEAD_DIM * MT + (bh // H) * T  # (b, h, d=0, t=0) in the (C, MT) transposed copies
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # the last queries have the most keys: first
+    bh, C, row0, col0, offs_m, in_m, rows = _attn_head(H, T, MT, m0, HEAD_DIM, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    in_m = offs_m < T
-    rows = row0 + offs_m[:, None] * C + offs_d[None, :]
     q = tl.load(q_ptr + rows, mask=in_m[:, None], other=0.0)  # (BM, hs), stays in shared memory
     qk_scale = tl.load(q_si_ptr) * tl.load(k_si_ptr) * sm_scale * _LOG2E  # both scale_inv folded into one factor
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -724,17 +730,10 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFT_CVT: tl.constexpr,
 ):
     """dQ = dS K for BLOCK_M queries over their keys; first writes delta = rowsum(dO * O) for the dK dV kernel."""
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    C = H * HEAD_DIM
-    row0 = (bh // H) * T * C + (bh % H) * HEAD_DIM
-    col0 = (bh % H) * HEAD_DIM * MT + (bh // H) * T
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh, C, row0, col0, offs_m, in_m, rows = _attn_head(H, T, MT, m0, HEAD_DIM, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    in_m = offs_m < T
-    rows = row0 + offs_m[:, None] * C + offs_d[None, :]
     q = tl.load(q_ptr + rows, mask=in_m[:, None], other=0.0)  # (BM, hs)
     do = tl.load(do_ptr + rows, mask=in_m[:, None], other=0.0)  # (BM, hs) E5M2
     do_si = tl.load(do_si_ptr)
@@ -790,16 +789,10 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFT_CVT: tl.constexpr,
 ):
     """dK = dS^T Q and dV = P^T dO for BLOCK_N keys, over the queries that see them (the first keys: most)."""
-    bh = tl.program_id(1)
-    C = H * HEAD_DIM
-    row0 = (bh // H) * T * C + (bh % H) * HEAD_DIM
-    col0 = (bh % H) * HEAD_DIM * MT + (bh // H) * T
     n0 = tl.program_id(0) * BLOCK_N
-    offs_n = n0 + tl.arange(0, BLOCK_N)
+    bh, C, row0, col0, offs_n, in_n, rows = _attn_head(H, T, MT, n0, HEAD_DIM, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    in_n = offs_n < T
-    rows = row0 + offs_n[:, None] * C + offs_d[None, :]
     k = tl.load(k_ptr + rows, mask=in_n[:, None], other=0.0)  # (BN, hs)
     v = tl.load(v_ptr + rows, mask=in_n[:, None], other=0.0)  # (BN, hs)
     do_si = tl.load(do_si_ptr)
