@@ -487,7 +487,7 @@ def measure_memory(name: str, level: int, device: str, env=None) -> dict:
     a0 = allocated(device)
     linears = model_linears(name, level, device)
     mods = nn.ModuleList(linears)
-    fc = TR.FP8Comm(mods, level, rank, world) if level == 3 or (level and world > 1) else None
+    fc = TR.FP8Comm.needed(mods, level, rank, world)  # as train.build makes it
     for m in linears:
         with torch.autocast(device, dtype=torch.bfloat16):
             m(torch.randn(16, m.in_features, device=device)).float().sum().backward()

@@ -267,14 +267,17 @@ class _Bucket:
     key: tuple = ()
 
 
+def _flat_buffers(W: int, S: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat (W * S,), shard (S,)) uint8 zeros (padding stays 0); one rank: the shard is the flat buffer."""
+    flat = torch.zeros(W * S, dtype=torch.uint8, device=device)
+    return flat, flat if W == 1 else torch.zeros(S, dtype=torch.uint8, device=device)
+
+
 def _make_bucket(index: list[int], offset: list[int], S: int, W: int, device: torch.device,
                  bufs: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> _Bucket:
     """bufs: (flat, shard) to use (level 3 shares them with the FP8 weight all-gather), else new ones."""
     assert W * S < 2 ** 31, "bucket too large for int32 offsets; lower bucket_bytes"
-    if bufs is None:
-        flat = torch.zeros(W * S, dtype=torch.uint8, device=device)  # padding stays 0
-        bufs = flat, flat if W == 1 else torch.empty(S, dtype=torch.uint8, device=device)
-    return _Bucket(index, offset, *bufs)
+    return _Bucket(index, offset, *(bufs if bufs is not None else _flat_buffers(W, S, device)))
 
 
 def _unpack(grads: list[Grad], b: _Bucket, src: torch.Tensor, base: int, inv: torch.Tensor, tri: bool) -> None:
@@ -514,9 +517,7 @@ class Fp8ZeroPartition:
         """(flat (W * S,), mine (S,)) uint8, made on first use: the FP8 weight all-gather's buffers, also the
         gradient reduce-scatter's (FP8AllReduce.reduce_to_owners; the two never overlap in a step)."""
         if self._bufs is None:
-            W, S = self.world_size, self.shard
-            flat = torch.zeros(W * S, dtype=torch.uint8, device=device)
-            self._bufs = flat, flat if W == 1 else torch.zeros(S, dtype=torch.uint8, device=device)
+            self._bufs = _flat_buffers(self.world_size, self.shard, device)
         return self._bufs
 
     def loads(self) -> list[int]:

@@ -255,6 +255,11 @@ class FP8Comm:
         for m in self.mods if self.part is not None else ():  # level 3 keeps 1 byte per weight: no (K, N) copy
             m.keep_weight_t = False
 
+    @classmethod
+    def needed(cls, model, level: int, rank: int, world: int) -> Optional["FP8Comm"]:
+        """The FP8Comm training uses: level 3 always (even on one rank), levels 1-2 with several ranks; else None."""
+        return cls(model, level, rank, world) if level == 3 or (level and world > 1) else None
+
     def owns(self, p) -> bool:
         """This rank keeps p's optimizer state and steps it (every param below level 3)."""
         return not fp8.is_fp8_param(p) or id(p) in self._owned
@@ -636,7 +641,7 @@ def build(cfg: TrainConfig, world: int, device: str, ckpt_path: str):
     if cfg.fp8_attention:
         M.use_fp8_attention(raw)
     rank = dist.get_rank() if world > 1 else 0
-    fc = FP8Comm(raw, cfg.fp8_level, rank, world) if cfg.fp8_level == 3 or (cfg.fp8_level and world > 1) else None
+    fc = FP8Comm.needed(raw, cfg.fp8_level, rank, world)
     opt = make_optimizer(raw, cfg, device, owns=fc.owns if fc is not None else None)
     start, n_skipped = 0, 0
     if cfg.resume:
