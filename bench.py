@@ -395,16 +395,17 @@ def _kernel_rows(name: str, level: int, opt, args) -> list:
     meta[optim.G_SI], meta[optim.STEP_SIZE], meta[optim.W_SCALE] = g_si, 1e-4, 2.0 ** 8
     hp = dict(beta1=0.9, one_minus_beta1=0.1, beta2=0.95, one_minus_beta2=0.05, eps=1e-8)
     recasts = torch.zeros(n, device="cuda")
-    variants = [(blk, wp, optim.ADAM_FAST_FP8, True) for blk in args.blocks for wp in args.warps]
-    variants += [(optim.ADAM_BLOCK, optim.ADAM_WARPS, not optim.ADAM_FAST_FP8, True),
-                 (optim.ADAM_BLOCK, optim.ADAM_WARPS, optim.ADAM_FAST_FP8, False)]
+    variants = [(blk, wp, optim.ADAM_FAST_FP8, True, tr) for blk in args.blocks for wp in args.warps
+                for tr in args.tile_rows if blk % tr == 0 and blk // tr >= 16]
+    variants += [(optim.ADAM_BLOCK, optim.ADAM_WARPS, not optim.ADAM_FAST_FP8, True, optim.TILE_ROWS),
+                 (optim.ADAM_BLOCK, optim.ADAM_WARPS, optim.ADAM_FAST_FP8, False, optim.TILE_ROWS)]
     rows = []
-    for block, warps, fast, w8 in variants:
+    for block, warps, fast, w8, tile_r in variants:
         amax, w8s = torch.zeros(3 if w8 else 2, n, device="cuda"), b.w8() if w8 else None
         g = cuda_graph(lambda: optim.fused_adam_step(b.params, gs, b._m1s, b._m2s, None, meta, amax, hp, block,
-                                                     w8s, recasts, warps, fast))
+                                                     w8s, recasts, warps, fast, tile_r))
         kms = triton.testing.do_bench(g.replay, warmup=10, rep=200)
-        what = f"  kernel L{level}, {warps} warps, {'fast' if fast else 'soft'} cvt{'' if w8 else ', no FP8 w'}"
+        what = f"  kernel L{level}, {warps} warps, {'fast' if fast else 'soft'} cvt{f', tile {tile_r} rows' if w8 else ', no FP8 w'}"
         rows.append(dict(params=name, what=what, block=block, ms=kms,
                          GBps=step_bytes(level, n_lin, 0, w8) / kms / 1e6, n=n_lin))
     assert recasts.sum().item() == 0, "a kernel-alone run re-cast its FP8 weights: its timing is not the usual path"
@@ -792,6 +793,8 @@ def main(argv=None):
     p.add_argument("--levels", nargs="+", type=int, default=[0, 1, 2, 3], help="memory (level 3: under torchrun)")
     p.add_argument("--blocks", nargs="+", type=int, default=[1024, 2048], help="optim: fused-kernel block sizes")
     p.add_argument("--warps", nargs="+", type=int, default=[4, 8], help="optim: fused-kernel warps per program")
+    p.add_argument("--tile_rows", nargs="+", type=int, default=[optim.TILE_ROWS],
+                   help="optim: rows of the fused kernel's 2-D tile of an FP8 weight")
     p.add_argument("--sets", default="124m,1.3b", help=f"comm: comma list of {list(SETS)}")
     p.add_argument("--bucket_mb", default="64", help="comm: FP8 bucket sizes to sweep (MiB)")
     p.add_argument("--reps", type=int, default=50, help="comm")

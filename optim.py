@@ -405,7 +405,8 @@ def adam_step_ref(ws, gs, m1s, m2s, masters, meta, amax_out, hp: dict, w8=None, 
 
 
 def fused_adam_step(ws, gs, m1s, m2s, masters, meta, amax_out, hp: dict, block: int = ADAM_BLOCK,
-                    w8=None, recasts=None, warps: int = ADAM_WARPS, fast_fp8: bool = ADAM_FAST_FP8) -> None:
+                    w8=None, recasts=None, warps: int = ADAM_WARPS, fast_fp8: bool = ADAM_FAST_FP8,
+                    tile_r: int = TILE_ROWS) -> None:
     """One AdamW step of n tensors in two launches. ws/gs/m1s/m2s/masters: lists of n tensors (masters or
     None), gs FP8 (x meta[G_SI]) or float; meta float32 (N_META, n); amax_out float32 (2, n) zeros;
     hp: python floats beta1, one_minus_beta1, beta2, one_minus_beta2, eps.
@@ -422,8 +423,7 @@ def fused_adam_step(ws, gs, m1s, m2s, masters, meta, amax_out, hp: dict, block: 
     if w8 is not None and not has_wt:  # no transposed copies: the (N, K) copies viewed (C, R) hold the table slot
         w8 = (w8[0], [w.view(w.shape[::-1]) for w in w8[0]], *w8[2:])
     cols = [ws, gs, m1s, m2s, masters if masters is not None else ws] + (list(w8) if w8 is not None else [ws] * 4)
-    tile_rows = TILE_ROWS if w8 is not None else 0
-    table, bmap, nblocks = pointer_table(cols, block, tile_rows)
+    table, bmap, nblocks = pointer_table(cols, block, tile_r if w8 is not None else 0)
     part = torch.empty(3, nblocks, device=ws[0].device)  # per-block maxima of m1, m2, the weight (rows written only)
     d1, d2 = m1s[0].dtype, m2s[0].dtype
     f32 = {k: torch.tensor(v, dtype=torch.float32).item() for k, v in hp.items()}  # fp32 values, as the ref
@@ -433,13 +433,13 @@ def fused_adam_step(ws, gs, m1s, m2s, masters, meta, amax_out, hp: dict, block: 
         f32["beta1"], f32["one_minus_beta1"], f32["beta2"], f32["one_minus_beta2"], f32["eps"],
         M1_SCALED=is_scaled(d1), M1_MAX=torch.finfo(d1).max, M1_FP8=d1 == E4M3,
         M2_SCALED=is_scaled(d2), M2_MAX=torch.finfo(d2).max, M2_FP8=d2 == E4M3,
-        HAS_MASTER=masters is not None, W8=w8 is not None, FAST_FP8=fast_fp8, BLOCK=block, TILE_R=TILE_ROWS,
+        HAS_MASTER=masters is not None, W8=w8 is not None, FAST_FP8=fast_fp8, BLOCK=block, TILE_R=tile_r,
         HAS_WT=has_wt, num_warps=warps, enable_fp_fusion=False)  # bit-exact vs adam_step_ref
     if is_scaled(d1) or is_scaled(d2) or w8 is not None:
         _finish_kernel[(len(ws), RECAST_SPLIT if w8 is not None else 1)](
             table, meta, part, amax_out, recasts if recasts is not None else meta, ws[0], w80, len(ws), nblocks,
             M1_SCALED=is_scaled(d1), M2_SCALED=is_scaled(d2), W8=w8 is not None, RECAST_ANY=RECAST_ANY_CHANGE,
-            FAST_FP8=fast_fp8, BLOCK=block, TILE_R=TILE_ROWS, RBLOCK=1024 if not kernels.INTERPRET else 64, HAS_WT=has_wt,
+            FAST_FP8=fast_fp8, BLOCK=block, TILE_R=tile_r, RBLOCK=1024 if not kernels.INTERPRET else 64, HAS_WT=has_wt,
             num_warps=4 if not kernels.INTERPRET else 1)
 
 

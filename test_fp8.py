@@ -348,7 +348,7 @@ def test_gemm_precise_accumulation():
         (rel_err(ref, precise), rel_err(ref, fast))
 
 
-@pytest.mark.parametrize("policy", ["none", "bwd", "all"])
+@pytest.mark.parametrize("policy", list(fp8.PRECISE_ACC))
 def test_linear_precise_acc_reaches_each_gemm(policy, monkeypatch):
     """FP8Linear.precise_acc (train.py --precise_acc) picks the forward, dgrad and wgrad GEMMs that promote."""
     seen = []
@@ -2031,15 +2031,15 @@ def _attn_fp8_inputs(B, H, T, D, seed, qkv=None, scales=None):
     return views, [si for *_, si in casts], qkv
 
 
-def _attn_blocks():
-    """The forward's key block, and the (queries, keys) dS tiles of the dQ and the dK dV kernels, as last run
-    (autotuned on the GPU)."""
+def _attn_blocks(kernel: str):
+    """The key block of the forward ("fwd"), or the (queries, keys) dS tile of the dQ ("dq") or the dK dV
+    ("dkdv") kernel, as last run (autotuned on the GPU): ask after that kernel has run (an autotuner that has
+    not run yet has no best_config)."""
+    b = kernels.ATTN_INTERPRET_BLOCK
     if not CUDA:
-        b = kernels.ATTN_INTERPRET_BLOCK
-        return b, (b, b), (b, b)
-    fwd, dq, dkdv = (f.best_config.kwargs for f in (kernels._attn_fwd_tuned, kernels._attn_dq_tuned,
-                                                     kernels._attn_dkdv_tuned))
-    return fwd["BLOCK_N"], (dq["BLOCK_M"], dq["BLOCK_N"]), (dkdv["BLOCK_M"], dkdv["BLOCK_N"])
+        return b if kernel == "fwd" else (b, b)
+    cfg = getattr(kernels, f"_attn_{kernel}_tuned").best_config.kwargs
+    return cfg["BLOCK_N"] if kernel == "fwd" else (cfg["BLOCK_M"], cfg["BLOCK_N"])
 
 
 @needs_triton
@@ -2050,7 +2050,7 @@ def test_attention_kernels_match_reference(T, D):
     (q, q_t), (k, k_t), (v, v_t), (g, g_t) = x["q"], x["k"], x["v"], x["g"]
     sm_scale = D ** -0.5
     o, lse = kernels.fp8_attention_fwd(q, k, v_t, q_si, k_si, v_si, out_dtype=torch.float32)
-    block_n, _, _ = _attn_blocks()
+    block_n = _attn_blocks("fwd")
     o_ref, lse_ref = kernels.fp8_attention_fwd_ref(q, k, v_t, q_si, k_si, v_si, sm_scale, torch.float32, block_n)
     assert o.transpose(1, 2).is_contiguous()  # (B, T, nh, hs) memory
     s_o = sqnr(o_ref, o)
@@ -2061,7 +2061,7 @@ def test_attention_kernels_match_reference(T, D):
     lse_err = (lse - lse_ref).abs()
     assert (lse_err <= lse_tol).all(), (lse_err.max().item(), (lse_err / lse_tol).max().item())
     grads = kernels.fp8_attention_bwd(g, g_t, q, q_t, k, k_t, v, o_ref, lse_ref, q_si, k_si, v_si, g_si)
-    _, tile_q, tile_kv = _attn_blocks()
+    tile_q, tile_kv = _attn_blocks("dq"), _attn_blocks("dkdv")
     args = (g, q, k, v, o_ref, lse_ref, q_si, k_si, v_si, g_si, sm_scale)
     dq_ref = kernels.fp8_attention_bwd_ref(*args, ds_tile=tile_q)[0]
     _, dk_ref, dv_ref = kernels.fp8_attention_bwd_ref(*args, ds_tile=tile_kv)

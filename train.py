@@ -71,7 +71,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
-    precise_acc: str = "none"  # FP8 GEMMs summing in FP32 past one K tile (H100): none | bwd | all (fp8.PRECISE_ACC)
+    precise_acc: str = fp8.DEFAULT_PRECISE_ACC  # GEMMs summing in FP32 past a K tile: fp8.PRECISE_ACC
     master: str = "fp16"  # levels >= 1, FP8 linears: fp16 = the FP16 weight is the master (DESIGN) | fp32 = +4 B/param copy
     max_skips: int = 10  # stop after this many consecutive non-finite steps
     # evaluation, logging, checkpoints
