@@ -348,6 +348,16 @@ def test_gemm_precise_accumulation():
         (rel_err(ref, precise), rel_err(ref, fast))
 
 
+def test_precise_gemm_configs_share_one_promotion_interval():
+    """Precise sums depend on BLOCK_K (one promotion per K tile): the autotuner may pick only configs whose
+    BLOCK_K is PRECISE_K, else two processes (timing noise) could sum in different chunks."""
+    cfgs = kernels._tma_configs()
+    assert len({c.kwargs["BLOCK_K"] for c in cfgs}) > 1  # else the rule below is vacuous
+    kept = kernels._precise_configs(cfgs, {}, PRECISE=True)
+    assert kept and all(c.kwargs["BLOCK_K"] == kernels.PRECISE_K for c in kept)
+    assert kernels._precise_configs(cfgs, {}, PRECISE=False) == cfgs
+
+
 @pytest.mark.parametrize("policy", list(fp8.PRECISE_ACC))
 def test_linear_precise_acc_reaches_each_gemm(policy, monkeypatch):
     """FP8Linear.precise_acc (train.py --precise_acc) picks the forward, dgrad and wgrad GEMMs that promote."""
