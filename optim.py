@@ -155,6 +155,18 @@ def _tile(j, R, C, TILE_R: tl.constexpr, TILE_C: tl.constexpr):
 
 
 @triton.jit
+def _run(j, numel, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """Block j of a flat tensor of numel elements (loaded from the pointer table) -> offsets, mask. ALIGNED
+    (host-checked: every numel % 16 == 0) makes the mask constant over 16 elements, so loads and stores are
+    16-byte vectors; without it the compiler, which cannot see numel, emits one 1-4 byte access per element
+    (PTX of sm_90: ld.global.b8 / b16 instead of ld.global.v4.b32)."""
+    if ALIGNED:  # an exact no-op that the compiler sees as a multiple of 16 (tl.multiple_of on this argument
+        numel = numel // 16 * 16  # left the sm_90 PTX scalar: it tags the value's defining op, inside the caller)
+    offs = j * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < numel
+
+
+@triton.jit
 def _store_fp8_weight(w8_ptr, w8t_ptr, offs, offs_t, mask, w, scale, FAST_FP8: tl.constexpr, HAS_WT: tl.constexpr):
     """w (fp32 values of the FP16 weight) * scale, saturated, as E4M3 into w_fp8 (R, C) and (HAS_WT) w_fp8_t (C, R)."""
     q = _to_e4m3(tl.clamp(w * scale, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL), FAST_FP8)
@@ -178,7 +190,7 @@ def _adam_kernel(
     M1_SCALED: tl.constexpr, M1_MAX: tl.constexpr, M1_FP8: tl.constexpr,
     M2_SCALED: tl.constexpr, M2_MAX: tl.constexpr, M2_FP8: tl.constexpr,
     HAS_MASTER: tl.constexpr, W8: tl.constexpr, FAST_FP8: tl.constexpr, BLOCK: tl.constexpr, TILE_R: tl.constexpr,
-    HAS_WT: tl.constexpr,
+    HAS_WT: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(block_ptr + pid).to(tl.int64)
@@ -190,8 +202,7 @@ def _adam_kernel(
         R = tl.multiple_of(numel // C, 16)
         offs, offs_t, mask = _tile(j, R, C, TILE_R, BLOCK // TILE_R)
     else:
-        offs = j * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
+        offs, mask = _run(j, numel, BLOCK, ALIGNED)
     w_ptr, g_ptr = _ptr(row, 0, w0_ptr), _ptr(row, 1, g0_ptr)
     m1_ptr, m2_ptr = _ptr(row, 2, m10_ptr), _ptr(row, 3, m20_ptr)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(meta_ptr + t)  # G_SI
@@ -294,12 +305,13 @@ def _finish_kernel(
 
 
 @triton.jit
-def _sumsq_kernel(table_ptr, block_ptr, out_ptr, g0_ptr, BLOCK: tl.constexpr):
+def _sumsq_kernel(table_ptr, block_ptr, out_ptr, g0_ptr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """out[pid] = sum of squares of one block of one tensor (per block, so the sum is deterministic)."""
     pid = tl.program_id(0)
     row = table_ptr + tl.load(block_ptr + pid).to(tl.int64) * 13
-    offs = (pid - tl.load(row + 11)) * BLOCK + tl.arange(0, BLOCK)  # T_FIRST
-    g = tl.load(_ptr(row, 1, g0_ptr) + offs, mask=offs < tl.load(row + 9), other=0.0).to(tl.float32)  # T_NUMEL
+    j, numel = pid - tl.load(row + 11).to(tl.int32), tl.load(row + 9).to(tl.int32)  # T_FIRST, T_NUMEL
+    offs, mask = _run(j, numel, BLOCK, ALIGNED)
+    g = tl.load(_ptr(row, 1, g0_ptr) + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + pid, tl.sum(g * g, axis=0))
 
 
@@ -434,7 +446,8 @@ def fused_adam_step(ws, gs, m1s, m2s, masters, meta, amax_out, hp: dict, block: 
         M1_SCALED=is_scaled(d1), M1_MAX=torch.finfo(d1).max, M1_FP8=d1 == E4M3,
         M2_SCALED=is_scaled(d2), M2_MAX=torch.finfo(d2).max, M2_FP8=d2 == E4M3,
         HAS_MASTER=masters is not None, W8=w8 is not None, FAST_FP8=fast_fp8, BLOCK=block, TILE_R=tile_r,
-        HAS_WT=has_wt, num_warps=warps, enable_fp_fusion=False)  # bit-exact vs adam_step_ref
+        HAS_WT=has_wt, ALIGNED=all(w.numel() % 16 == 0 for w in ws), num_warps=warps,
+        enable_fp_fusion=False)  # bit-exact vs adam_step_ref
     if is_scaled(d1) or is_scaled(d2) or w8 is not None:
         _finish_kernel[(len(ws), RECAST_SPLIT if w8 is not None else 1)](
             table, meta, part, amax_out, recasts if recasts is not None else meta, ws[0], w80, len(ws), nblocks,
@@ -452,7 +465,9 @@ def weighted_sumsq(gs: list, weights: torch.Tensor) -> torch.Tensor:
         return torch.where(w != 0, ss * w, torch.zeros_like(w)).sum()
     table, bmap, nblocks = pointer_table([gs] * N_PTRS, SUMSQ_BLOCK)
     part = torch.empty(nblocks, dtype=torch.float32, device=gs[0].device)
-    _sumsq_kernel[(nblocks,)](table, bmap, part, gs[0], BLOCK=SUMSQ_BLOCK, num_warps=8 if not kernels.INTERPRET else 1)
+    aligned = all(g.numel() % 16 == 0 for g in gs)
+    _sumsq_kernel[(nblocks,)](table, bmap, part, gs[0], BLOCK=SUMSQ_BLOCK, ALIGNED=aligned,
+                              num_warps=8 if not kernels.INTERPRET else 1)
     wb = w[bmap.long()]  # (nblocks,)
     return torch.where(wb != 0, part.double() * wb, torch.zeros_like(wb)).sum()
 
