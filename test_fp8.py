@@ -902,9 +902,11 @@ def random_step_args(dtypes, master: bool, device: str, sizes=(1, 17, 1000, 3000
 def kernel_vs_ref(device: str):
     """Bit-exact, in the interpreter and on the GPU: the kernel rounds every fp32 operation as the reference
     does (div_rn, sqrt_rn, and no FMA contraction: enable_fp_fusion=False)."""
-    for dtypes, master in [((E4M3, F16, E4M3, F16), False), ((E4M3, F16, E4M3, F16), True),
-                           ((E4M3, F16, F32, F32), False), ((F32, F32, F32, F32), False)]:
-        args = random_step_args(dtypes, master, device)
+    odd, aligned = (1, 17, 1000, 3000), (16, 4112, 6144)  # aligned: every numel % 16 == 0 (the ALIGNED path)
+    for dtypes, master, sizes in [((E4M3, F16, E4M3, F16), False, odd), ((E4M3, F16, E4M3, F16), True, odd),
+                                  ((E4M3, F16, F32, F32), False, odd), ((F32, F32, F32, F32), False, odd),
+                                  ((E4M3, F16, E4M3, F16), False, aligned)]:
+        args = random_step_args(dtypes, master, device, sizes)
         ref_args = copy.deepcopy([a if not isinstance(a, list) else [t.cpu() for t in a] for a in args])
         ref_args[5], ref_args[6] = ref_args[5].cpu(), ref_args[6].cpu()
         optim.fused_adam_step(*args)
@@ -919,10 +921,55 @@ def kernel_vs_ref(device: str):
 @pytest.mark.skipif(not kernels.INTERPRET, reason="Triton kernel on CPU needs TRITON_INTERPRET=1 (CI sets it)")
 def test_fused_kernel_matches_reference_interpreter():
     kernel_vs_ref("cpu")
-    gs = [torch.randn(k).to(E4M3) for k in (5, 5000)]
-    w = torch.tensor([0.5, 2.0], dtype=torch.float64)
-    want = sum(wi * g.double().square().sum() for wi, g in zip(w, gs))
-    torch.testing.assert_close(optim.weighted_sumsq(gs, w), want, rtol=1e-6, atol=0)
+    for sizes in ((5, 5000), (16, 5008)):  # the second: every numel % 16 == 0 (the ALIGNED path)
+        gs = [torch.randn(k).to(E4M3) for k in sizes]
+        w = torch.tensor([0.5, 2.0], dtype=torch.float64)
+        want = sum(wi * g.double().square().sum() for wi, g in zip(w, gs))
+        torch.testing.assert_close(optim.weighted_sumsq(gs, w), want, rtol=1e-6, atol=0)
+
+
+_SM90_PTX = r"""
+import collections, json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+import optim
+
+def accesses(fn, signature, constexprs):  # pointer args 16-byte aligned, as Triton's launcher specializes them
+    names = list(signature)
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in signature.items() if v.startswith("*")}
+    src = triton.compiler.ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}},
+                                    constexprs=constexprs, attrs=attrs)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    return collections.Counter(re.findall(r"(?:ld|st)\.global\.[a-z0-9.]+", ptx))
+
+aligned, tab = sys.argv[1] == "1", {"table_ptr": "*i64", "block_ptr": "*i32"}
+adam = accesses(optim._adam_kernel, {
+    **tab, "meta_ptr": "*fp32", "part_ptr": "*fp32", "w0_ptr": "*fp16", "g0_ptr": "*fp8e4nv", "m10_ptr": "*fp8e4nv",
+    "m20_ptr": "*fp16", "master0_ptr": "*fp16", "w80_ptr": "*fp8e4nv", "n": "i32", "beta1": "fp32",
+    "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "eps": "fp32"},
+    dict(M1_SCALED=True, M1_MAX=448.0, M1_FP8=True, M2_SCALED=True, M2_MAX=65504.0, M2_FP8=False, HAS_MASTER=False,
+         W8=False, FAST_FP8=True, BLOCK=2048, TILE_R=32, HAS_WT=False, ALIGNED=aligned))
+sumsq = accesses(optim._sumsq_kernel, {**tab, "out_ptr": "*fp32", "g0_ptr": "*fp8e4nv"},
+                 dict(BLOCK=optim.SUMSQ_BLOCK, ALIGNED=aligned))
+print(json.dumps(dict(adam=adam, sumsq=sumsq)))
+"""
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_flat_kernels_vectorize_when_aligned(aligned):
+    """The fused Adam step and the grad-norm kernel read sizes from a pointer table, which the compiler cannot
+    see: only ALIGNED (host-checked numel % 16 == 0) lets it use 16-byte accesses for FP8 / FP16 tensors.
+    Compiled for sm_90 without a GPU (Triton's bundled ptxas), in a process without TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _SM90_PTX, str(int(aligned))], capture_output=True, text=True,
+                       env=env, cwd=os.path.dirname(os.path.abspath(__file__)), timeout=300)
+    if r.returncode != 0 and ("ImportError" in r.stderr or "ModuleNotFoundError" in r.stderr):
+        pytest.skip(f"Triton without its CUDA backend: {r.stderr.strip().splitlines()[-1]}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for name, acc in out.items():
+        narrow = sum(c for k, c in acc.items() if k.endswith((".b8", ".b16")))  # one FP8 / FP16 element each
+        assert (narrow == 0 and acc.get("ld.global.v4.b32", 0) > 0) if aligned else narrow > 0, (name, acc)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
