@@ -265,6 +265,7 @@ class _Bucket:
     # caching allocator hands to the next forward's activations, not memory held between steps
     groups: list[_Group] = field(default_factory=list)  # Triton launch tables, for the addresses in key
     key: tuple = ()
+    unpack: Optional[tuple] = None  # (key, the FP8 tensors' copy lists): _unpack's views, built once per key
 
 
 def _flat_buffers(W: int, S: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,17 +281,23 @@ def _make_bucket(index: list[int], offset: list[int], S: int, W: int, device: to
     return _Bucket(index, offset, *(bufs if bufs is not None else _flat_buffers(W, S, device)))
 
 
-def _unpack(grads: list[Grad], b: _Bucket, src: torch.Tensor, base: int, inv: torch.Tensor, tri: bool) -> None:
+def _unpack(grads: list[Grad], b: _Bucket, src: torch.Tensor, base: int, inv: torch.Tensor, tri: bool,
+            addrs: tuple) -> None:
     """Reduced E4M3 bytes src = bucket elements [base, base + len(src)) -> the gradients inside it, in
-    place: FP8Tensors take the bytes as they are and scale_inv = inv[i] (two multi-tensor copies), float
-    tensors the dequantized values."""
+    place: FP8Tensors take the bytes as they are and scale_inv = inv[i] (two multi-tensor copies, whose
+    lists of views are built once per set of addresses: a step creates none), float tensors the
+    dequantized values. inv: the reducer's persistent (n,) buffer (the views stay valid); addrs: the
+    grads' _addr tuple."""
     mine = [(i, o) for i, o in zip(b.index, b.offset) if base <= o < base + src.numel()]
-    f8 = [(i, o - base, grads[i]) for i, o in mine if isinstance(grads[i], FP8Tensor)]
-    if f8:
-        inv1 = inv.split(1)  # views: no host -> device copy (keeps the reduce CUDA-graph capturable)
-        torch._foreach_copy_([g.data.view(torch.uint8).view(-1) for _, _, g in f8],
-                             [src[o:o + g.data.numel()] for _, o, g in f8])
-        torch._foreach_copy_([g.scale_inv.view(-1) for _, _, g in f8], [inv1[i] for i, _, _ in f8])
+    key = (src.data_ptr(), inv.data_ptr(), addrs)
+    if b.unpack is None or b.unpack[0] != key:
+        f8 = [(i, o - base, grads[i]) for i, o in mine if isinstance(grads[i], FP8Tensor)]
+        b.unpack = key, ([g.data.view(torch.uint8).view(-1) for _, _, g in f8], [src[o:o + g.data.numel()] for _, o, g in f8],
+                         [g.scale_inv.view(-1) for _, _, g in f8], [inv[i:i + 1] for i, _, _ in f8])
+    dst, srcs, dst_si, inv1 = b.unpack[1]
+    if dst:
+        torch._foreach_copy_(dst, srcs)
+        torch._foreach_copy_(dst_si, inv1)
     if tri:
         for g in b.groups:
             if g.dtype != E4M3:
@@ -312,6 +319,14 @@ def _data(g: Grad) -> torch.Tensor:
     return (g.data if isinstance(g, FP8Tensor) else g).reshape(-1)
 
 
+def _addr(g: Grad) -> tuple:
+    """What identifies a gradient's memory without a dispatched op (host time): data and scale addresses,
+    size and dtype."""
+    if isinstance(g, FP8Tensor):
+        return g.data.data_ptr(), g.data.numel(), g.data.dtype, g.scale_inv.data_ptr()
+    return g.data_ptr(), g.numel(), g.dtype
+
+
 def _amax(g: Grad) -> torch.Tensor:
     """max |value| (0-dim float32, NaN -> NaN): for E4M3 an integer max of the low 7 bits, since
     magnitudes order like them (0x7F = NaN is the largest), times scale_inv."""
@@ -320,6 +335,24 @@ def _amax(g: Grad) -> torch.Tensor:
     if isinstance(g, FP8Tensor):
         return (g.data.view(torch.uint8) & 0x7F).amax().view(E4M3).float() * g.scale_inv.reshape(())
     return g.detach().abs().amax().float()
+
+
+class _Plan:
+    """Host-side views of one list of gradients (and amaxes), built once per set of addresses, so that an eager
+    call makes a fixed number of torch ops however many tensors it reduces (each op costs host time)."""
+
+    def __init__(self, key: tuple, addrs: tuple, grads: list[Grad], amaxes: Optional[list], dev: torch.device):
+        n = len(grads)
+        self.key, self.addrs = key, addrs
+        self.data = [_data(g) for g in grads]  # flat views
+        self.total = sum(d.numel() for d in self.data)
+        one = torch.ones(1, device=dev)
+        self.si = [g.scale_inv.view(1) if isinstance(g, FP8Tensor) else one for g in grads]  # (1,) views
+        self.no_amax = [amaxes is None or amaxes[i] is None for i in range(n)]
+        self.own = torch.zeros(n, device=dev) if any(self.no_amax) else None  # kernel-computed amaxes (data units)
+        self.amax = [self.own[i:i + 1] if self.no_amax[i] else amaxes[i].reshape(1).float() for i in range(n)]
+        self.scaled_own = torch.tensor(self.no_amax, device=dev)  # own amaxes still need * scale_inv
+        self.inv = torch.empty(n, device=dev)  # 1 / shared scale, written by every call (_unpack views it)
 
 
 class FP8AllReduce:
@@ -335,6 +368,7 @@ class FP8AllReduce:
         self.backend = backend
         self.buckets: list[_Bucket] = []
         self._key: Optional[tuple] = None
+        self._plan: Optional[_Plan] = None
         self.mu: Optional[torch.Tensor] = None
         self._zero: Optional[tuple] = None  # (partition, its bucket) of reduce_to_owners
 
@@ -377,19 +411,18 @@ class FP8AllReduce:
     @torch.no_grad()
     def _scales(self, grads: list[Grad], amaxes: Optional[list[torch.Tensor]], buckets: list[_Bucket], tri: bool):
         """One all-reduce MAX of [amaxes..., last sat fraction] -> (found_inf (1,), ratio (n,) =
-        shared scale / own scale, inv_scale (n,) = the result's scale_inv), float32 on the device."""
-        dev, n = self.mu.device, len(grads)
-        one = torch.ones((), device=dev)
-        src_si = torch.stack([g.scale_inv.reshape(()).float() if isinstance(g, FP8Tensor) else one for g in grads])
-        amaxes = [None] * n if amaxes is None else amaxes
+        shared scale / own scale, inv_scale (n,) = the result's scale_inv, the plan's buffer), float32 on the
+        device. The per-tensor scalars are gathered by one cat of cached views (no per-tensor ops)."""
+        plan, n = self._plan, len(grads)
+        src_si = torch.cat(plan.si)
         if tri:  # one multi-tensor launch per bucket and dtype that has a gradient without amax
-            own = torch.zeros(n, dtype=torch.float32, device=dev)
-            for g in (g for b in buckets for g in b.groups if any(amaxes[i] is None for i in g.index)):
-                _launch(_mt_amax_kernel, g, own, SRC=_TL[g.dtype], IS_FP8=g.dtype == E4M3)
-            own = own * src_si  # FP8 data units -> values
-            amax = own if all(a is None for a in amaxes) else \
-                torch.stack([own[i] if a is None else a.reshape(()).float() for i, a in enumerate(amaxes)])
+            if plan.own is not None:
+                plan.own.zero_()
+                for g in (g for b in buckets for g in b.groups if any(plan.no_amax[i] for i in g.index)):
+                    _launch(_mt_amax_kernel, g, plan.own, SRC=_TL[g.dtype], IS_FP8=g.dtype == E4M3)
+            amax = torch.cat(plan.amax) * torch.where(plan.scaled_own, src_si, 1.0)  # FP8 data units -> values
         else:
+            amaxes = [None] * n if amaxes is None else amaxes
             amax = torch.stack([_amax(g) if a is None else a.reshape(()).float() for g, a in zip(grads, amaxes)])
         amax = torch.where(src_si == 0, 0.0, amax)  # an empty gradient: its data may be stale
         vec = torch.cat([amax, self.sat_frac])
@@ -405,7 +438,8 @@ class FP8AllReduce:
         a = torch.where(ok, amax.double(), 1.0)
         exp = torch.where(ok, torch.floor(torch.log2(fp8_max(E4M3) / a)), 0.0).clamp(-110, 110)
         scale = (torch.exp2(exp) * self.mu.double()).float()  # (n,) shared, power of two
-        return found_inf, scale * src_si, 1.0 / scale
+        torch.reciprocal(scale, out=plan.inv)  # exact: scale is a power of two
+        return found_inf, scale * src_si, plan.inv
 
     @torch.no_grad()
     def __call__(self, grads: list[Grad], amaxes: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
@@ -415,32 +449,45 @@ class FP8AllReduce:
         FP8Tensors get new data + scale_inv, float tensors the dequantized mean (FP8-exact values).
         amaxes (optional, entries may be None): max |value| of each grad (e.g. FP8Linear.weight_grad_amax),
         saves a read of the gradient."""
-        self._check(grads)
-        key = tuple(_data(g).numel() for g in grads)
-        if key != self._key:
-            self._build(list(key), _data(grads[0]).device)
-            self._key = key
+        if self._prepare(grads, amaxes):
+            key = tuple(_data(g).numel() for g in grads)
+            if key != self._key:
+                self._build(list(key), _data(grads[0]).device)
+                self._key = key
         return self._run(grads, amaxes, self.buckets, gather=True)
 
-    def _check(self, grads: list[Grad]) -> None:
+    def _prepare(self, grads: list[Grad], amaxes: Optional[list[torch.Tensor]]) -> bool:
+        """Checks grads and builds the host-side views a call needs (_Plan) when the set of tensors is new
+        (addresses, sizes, dtypes); a call on the same tensors then makes no per-tensor torch op on the host
+        (eager steps: ~1000 views per call for a 1.3B model before). Returns True when it rebuilt."""
         assert grads, "nothing to reduce"
+        addrs = tuple(_addr(g) for g in grads)
+        key = addrs, None if amaxes is None else tuple(a.data_ptr() if a is not None else 0 for a in amaxes)
+        if self._plan is not None and self._plan.key == key:
+            return False
         for g in grads:
             ok = (E4M3,) if isinstance(g, FP8Tensor) else kernels.HP_DTYPES
             assert _data(g).is_contiguous() and _data(g).dtype in ok, f"grads: contiguous E4M3 FP8Tensor or {ok}"
+            assert not isinstance(g, FP8Tensor) or (g.scale_inv.dtype == torch.float32 and g.scale_inv.numel() == 1), \
+                "FP8Tensor grads: float32 scale_inv of one element"
+        for a in amaxes or ():  # the plan keeps views of them: a converted copy would go stale
+            assert a is None or (a.dtype == torch.float32 and a.numel() == 1), "amaxes: float32, one element each"
+        dev = _data(grads[0]).device
         if self.mu is None:
-            self._init_state(_data(grads[0]).device)
+            self._init_state(dev)
+        self._plan = _Plan(key, addrs, grads, amaxes, dev)
+        return True
 
     def _run(self, grads: list[Grad], amaxes: Optional[list[torch.Tensor]], buckets: list[_Bucket],
              gather: bool) -> torch.Tensor:
         """Scales, then per bucket: pre-scale -> FP8 reduce-scatter -> sum + re-quantize -> (FP8 all-gather
         and unpack all | unpack the tensors inside my shard). Returns found_inf."""
         tri = self.backend == "auto" and kernels.use_triton(self.mu)
+        plan = self._plan
         if tri:
-            data = [_data(g) for g in grads]
             for b in buckets:
-                key = tuple(data[i].data_ptr() for i in b.index)
-                if key != b.key:
-                    b.groups, b.key = _groups(data, b.index, b.offset, b.flat.device), key
+                if b.key != plan.addrs:
+                    b.groups, b.key = _groups(plan.data, b.index, b.offset, b.flat.device), plan.addrs
         found_inf, ratio, inv = self._scales(grads, amaxes, buckets, tri)
         W, grp, fmax = self.world_size, self.group, fp8_max(E4M3)
         rank = dist.get_rank(grp) if W > 1 else 0
@@ -450,7 +497,7 @@ class FP8AllReduce:
             for g in b.groups if tri else []:
                 _launch(_mt_prescale_kernel, g, b.flat, ratio, self.sat_count, SRC=_TL[g.dtype], FP8_MAX=fmax)
             for i, off in zip(b.index, b.offset) if not tri else []:
-                _prescale_ref(_data(grads[i]), b.flat.view(E4M3), off, ratio[i], self.sat_count)
+                _prescale_ref(plan.data[i], b.flat.view(E4M3), off, ratio[i], self.sat_count)
             recvs.append(torch.empty_like(b.flat) if W > 1 else b.flat)
             works.append(dist.all_to_all_single(recvs[-1], b.flat, group=grp, async_op=True) if W > 1 else None)
         for k, b in enumerate(buckets):  # sum my shard, start its FP8 all-gather
@@ -464,11 +511,10 @@ class FP8AllReduce:
                 w.wait()
             # all-reduce: the whole bucket; level 3: my shard, which holds exactly the tensors I own
             if gather:
-                _unpack(grads, b, b.flat, 0, inv, tri)
+                _unpack(grads, b, b.flat, 0, inv, tri, plan.addrs)
             else:
-                _unpack(grads, b, b.shard, rank * b.shard.numel(), inv, tri)
-        total = sum(_data(g).numel() for g in grads)
-        self.sat_frac.copy_(torch.where(found_inf > 0, 0.0, self.sat_count.double() / max(total, 1)).float())
+                _unpack(grads, b, b.shard, rank * b.shard.numel(), inv, tri, plan.addrs)
+        self.sat_frac.copy_(torch.where(found_inf > 0, 0.0, self.sat_count.double() / max(plan.total, 1)).float())
         return found_inf
 
     @torch.no_grad()
@@ -477,7 +523,7 @@ class FP8AllReduce:
         """Level 3: the mean of each gradient lands on its owner only (FP8 reduce-scatter over the
         partition's owner-ordered flat buffer, one bucket); other ranks' copies are left as they were.
         Same scales, mu and found_inf as __call__ (found_inf reaches every rank)."""
-        self._check(grads)
+        self._prepare(grads, amaxes)
         assert part.world_size == self.world_size and len(part.owners) == len(grads)
         if self._zero is None or self._zero[0] is not part:
             n = len(grads)

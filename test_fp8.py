@@ -1471,6 +1471,34 @@ def test_zero_reduce_to_owners_and_weight_all_gather():
     run_dist(_zero_worker)
 
 
+@pytest.mark.skipif(not (CUDA or kernels.INTERPRET), reason="the multi-tensor (Triton) path: CUDA or TRITON_INTERPRET=1")
+def test_fp8_allreduce_host_ops_do_not_grow_with_tensors(monkeypatch):
+    """An eager step pays host time per torch op: a repeated call on the same gradients makes as many ops for
+    96 tensors as for 4 (the per-tensor views are built once, comm._Plan). Kernels stubbed: comm's own ops only."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+    monkeypatch.setattr(comm, "_launch", lambda *a, **k: None)
+    monkeypatch.setattr(comm, "_sum_requant", lambda *a, **k: None)
+
+    def ops(n: int) -> int:
+        grads = [FP8Tensor(torch.zeros(32, 16, dtype=E4M3, device=DEV), torch.ones(1, device=DEV)) for _ in range(n)]
+        amaxes = [torch.ones(1, device=DEV) for _ in grads]
+        red = comm.FP8AllReduce(1, bucket_bytes=1 << 20)  # one bucket either way
+        red(grads, amaxes)  # the first call builds the views
+        Count.n = 0
+        with Count():
+            red(grads, amaxes)
+        return Count.n
+    few, many = ops(4), ops(96)
+    assert 0 < many == few, (few, many)
+
+
 def test_single_process_is_lossless_for_fp8():
     red = comm.FP8AllReduce(1)
     g = FP8Tensor.quantize(torch.randn(64, 32))
