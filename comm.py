@@ -292,7 +292,8 @@ def _unpack(grads: list[Grad], b: _Bucket, src: torch.Tensor, base: int, inv: to
     key = (src.data_ptr(), inv.data_ptr(), addrs)
     if b.unpack is None or b.unpack[0] != key:
         f8 = [(i, o - base, grads[i]) for i, o in mine if isinstance(grads[i], FP8Tensor)]
-        b.unpack = key, ([g.data.view(torch.uint8).view(-1) for _, _, g in f8], [src[o:o + g.data.numel()] for _, o, g in f8],
+        b.unpack = key, ([g.data.view(torch.uint8).view(-1) for _, _, g in f8],
+                         [src[o:o + g.data.numel()] for _, o, g in f8],
                          [g.scale_inv.view(-1) for _, _, g in f8], [inv[i:i + 1] for i, _, _ in f8])
     dst, srcs, dst_si, inv1 = b.unpack[1]
     if dst:
