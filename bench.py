@@ -464,13 +464,16 @@ def allocated(device: str) -> int:
 
 def comm_buffer_bytes(fc) -> int:
     """Bytes of the buffers an FP8Comm holds between steps (bucket flat + shard, the level-3 partition's
-    all-gather buffers, shared with its reduce), each storage once."""
+    all-gather buffers, shared with its reduce), each storage once; a flat buffer that holds the FP8 grads
+    themselves (levels 1-2 under torchrun) counts as the grads, not as a comm buffer."""
     if fc is None:
         return 0
     ts = [t for b in fc.reducer.buckets for t in (b.flat, b.shard)]
     ts += list(fc.part.buffers(fc.mods[0].weight_fp8.device)) if fc.part is not None else []
     ts += [fc.reducer._zero[1].flat, fc.reducer._zero[1].shard] if fc.reducer._zero is not None else []
-    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}.values())
+    grads = {m.weight_grad_fp8.untyped_storage().data_ptr() for m in fc.mods}
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts
+                if t.untyped_storage().data_ptr() not in grads}.values())
 
 
 def measure_memory(name: str, level: int, device: str, env=None) -> dict:
@@ -560,7 +563,7 @@ def bench_memory(args) -> dict:
 
 SETS = {"tiny": (2, 256), "124m": (12, 768), "1.3b": (24, 2048)}  # name -> (n_layer, n_embd)
 VOCAB, BLOCK_SIZE = 50257, 1024
-VARIANTS = ("fp8", "fp8_graph", "fp8_torch", "wire", "nccl_bf16", "nccl_fp32")
+VARIANTS = ("fp8", "fp8_graph", "fp8_copy", "fp8_torch", "wire", "nccl_bf16", "nccl_fp32")
 
 
 def grad_set(n_layer: int, C: int, device: torch.device, seed: int) -> list:
@@ -642,11 +645,26 @@ def bench_comm(args) -> list[dict]:
     return rows
 
 
+def in_buckets(red, grads: list, dev: torch.device) -> list:
+    """grads with each FP8 one copied into red's bucket buffers (comm.FP8AllReduce.grad_buffers), where
+    train.FP8Comm keeps them: the pre-scale runs in place and no unpack copy is needed. Float grads stay."""
+    views = red.grad_buffers([comm._data(g).numel() for g in grads], dev)
+    out = []
+    for g, v in zip(grads, views):
+        if isinstance(g, FP8Tensor):
+            v.copy_(g.data.view(torch.uint8).view(-1))
+            g = FP8Tensor(v.view(E4M3).view(g.data.shape), g.scale_inv)
+        out.append(g)
+    return out
+
+
 def make_case(variant: str, grads: list, N: int, W: int, dev: torch.device, bucket_mb: str, ring: float):
     """(callable, bytes sent per rank) for one variant."""
     if variant.startswith("fp8"):
         backend = "torch" if variant == "fp8_torch" else "auto"
         red = comm.FP8AllReduce(W, bucket_bytes=int(bucket_mb) << 20, backend=backend)
+        if variant != "fp8_copy":  # as training keeps them (train.FP8Comm): the FP8 grads inside the buckets
+            grads = in_buckets(red, grads, dev)
         # FP8 grads come with their amax, as FP8Linear.weight_grad_amax gives it for free (no extra read)
         amaxes = [g.dequantize().abs().amax() if isinstance(g, FP8Tensor) else None for g in grads]
         red(grads, amaxes)  # builds the buckets and launch tables

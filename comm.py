@@ -292,12 +292,15 @@ def _unpack(grads: list[Grad], b: _Bucket, src: torch.Tensor, base: int, inv: to
     key = (src.data_ptr(), inv.data_ptr(), addrs)
     if b.unpack is None or b.unpack[0] != key:
         f8 = [(i, o - base, grads[i]) for i, o in mine if isinstance(grads[i], FP8Tensor)]
-        b.unpack = key, ([g.data.view(torch.uint8).view(-1) for _, _, g in f8],
-                         [src[o:o + g.data.numel()] for _, o, g in f8],
+        same = [g.data.data_ptr() == src.data_ptr() + o for _, o, g in f8]  # kept in the bucket: bytes in place
+        f8b = [t for t, s in zip(f8, same) if not s]
+        b.unpack = key, ([g.data.view(torch.uint8).view(-1) for _, _, g in f8b],
+                         [src[o:o + g.data.numel()] for _, o, g in f8b],
                          [g.scale_inv.view(-1) for _, _, g in f8], [inv[i:i + 1] for i, _, _ in f8])
     dst, srcs, dst_si, inv1 = b.unpack[1]
     if dst:
         torch._foreach_copy_(dst, srcs)
+    if dst_si:
         torch._foreach_copy_(dst_si, inv1)
     if tri:
         for g in b.groups:
@@ -395,6 +398,21 @@ class FP8AllReduce:
             offs = _packed(numels[i] for i in idx)
             S = kernels.round_up(triton.cdiv(offs[-1], self.world_size), ALIGN)  # shard elements (= bytes)
             self.buckets.append(_make_bucket(idx, offs[:-1], S, self.world_size, device))
+
+    def grad_buffers(self, numels: Sequence[int], device: torch.device) -> list[torch.Tensor]:
+        """Flat uint8 views, one per tensor, into the bucket buffers that a call on tensors of these sizes uses.
+        A caller that keeps its gradients there (train.FP8Comm, levels 1-2) turns the pack into an in-place
+        pre-scale and needs no unpack copy: no gradient bytes copied in or out, no second buffer."""
+        self._build(list(numels), device)
+        self._key = tuple(numels)
+        views: list[torch.Tensor] = [torch.empty(0)] * len(numels)
+        # set_, not slicing: each gets its own version counter (slices share their base's, and autograd would
+        # take one layer's gradient write for a change to another layer's saved gradient buffer)
+        for b in self.buckets:
+            for i, o in zip(b.index, b.offset):
+                views[i] = torch.empty(0, dtype=torch.uint8, device=device).set_(b.flat.untyped_storage(), o,
+                                                                                 (numels[i],))
+        return views
 
     @torch.no_grad()
     def _update_mu(self, global_sat: torch.Tensor) -> None:

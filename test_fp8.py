@@ -1248,6 +1248,36 @@ def _allreduce_worker(rank: int, bucket_bytes: int) -> None:
         comm.teardown()
 
 
+def _in_bucket_worker(rank: int) -> None:
+    """Grads kept inside the reducer's buckets (grad_buffers, as train.FP8Comm keeps them) reduce to the same
+    bytes and scales as the same grads outside them, over two steps (in-place pre-scale, no unpack copy)."""
+    comm.setup(device="cpu")
+    try:
+        outside, inside = comm.FP8AllReduce(WORLD, bucket_bytes=3000), comm.FP8AllReduce(WORLD, bucket_bytes=3000)
+        for step in range(2):
+            a = _grads_for(rank, step)
+            b = [FP8Tensor(g.data.clone(), g.scale_inv.clone()) if isinstance(g, FP8Tensor) else g.clone() for g in a]
+            views = inside.grad_buffers([comm._data(g).numel() for g in b], torch.device("cpu"))
+            for i, (g, v) in enumerate(zip(b, views)):
+                if isinstance(g, FP8Tensor):
+                    v.copy_(g.data.view(torch.uint8).view(-1))
+                    b[i] = FP8Tensor(v.view(E4M3).view(g.data.shape), g.scale_inv)
+            assert outside(a).item() == inside(b).item() == 0
+            assert any(isinstance(g, FP8Tensor) and g.data.data_ptr() == v.data_ptr() for g, v in zip(b, views))
+            for x, y in zip(a, b):
+                if isinstance(x, FP8Tensor):
+                    assert torch.equal(x.data.view(torch.uint8), y.data.view(torch.uint8))
+                    assert torch.equal(x.scale_inv, y.scale_inv)
+                else:
+                    assert torch.equal(x, y)
+    finally:
+        comm.teardown()
+
+
+def test_allreduce_grads_kept_in_buckets_match():
+    run_dist(_in_bucket_worker)
+
+
 def _bitwise_worker(rank: int) -> None:
     comm.setup(device="cpu")
     try:
@@ -1897,6 +1927,9 @@ def _train_worker(rank: int, port: int, argv: list, out_dir: str, poison_step) -
     m = r["model"]
     held = {n: b.clone().cpu() for n, b in m.named_buffers() if n.endswith("weight_fp8")}
     held.update({n: p.detach().clone().cpu() for n, p in m.named_parameters() if not hasattr(p, "_fp8_owner")})
+    lin = [x for x in m.modules() if isinstance(x, fp8.FP8Linear)]  # (distinct storages of the FP8 grads, linears)
+    held["fp8_grad_storages"] = torch.tensor([len({x.weight_grad_fp8.untyped_storage().data_ptr() for x in lin}),
+                                              len(lin)])
     torch.save(held, os.path.join(out_dir, f"held{rank}.pt"))
 
 
@@ -1946,6 +1979,8 @@ def test_fp8_allreduce_two_ranks_match_one_process(level, device, data_dir, tmp_
     np.testing.assert_allclose([two["losses"][s] for s in range(steps)], [one[s] for s in range(steps)],
                                rtol=DIST_LOSS_RTOL[level])
     _same_on_ranks(two["held"])
+    n_storages, n_linears = two["held"][0]["fp8_grad_storages"].tolist()
+    assert n_storages == 1 < n_linears  # the FP8 grads live in the all-reduce bucket (one, at this size)
 
 
 @pytest.mark.parametrize("device", DEVICES)
