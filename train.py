@@ -254,7 +254,7 @@ class FP8Comm:
         self._owned = {id(m.weight) for m, mine in zip(self.mods, self.mine) if mine}
         for m in self.mods if self.part is not None else ():  # level 3 keeps 1 byte per weight: no (K, N) copy
             m.keep_weight_t = False
-        if self.part is None and world > 1:  # levels 1-2: the grads live in the all-reduce buckets (in place)
+        if self.part is None and world > 1 and self.mods:  # levels 1-2: the grads live in the all-reduce buckets
             views = self.reducer.grad_buffers([m.weight.numel() for m in self.mods], self.mods[0].weight.device)
             for m, v in zip(self.mods, views):
                 v.copy_(m.weight_grad_fp8.view(torch.uint8).view(-1))
