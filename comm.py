@@ -577,6 +577,7 @@ class Fp8ZeroPartition:
         self.shard = kernels.round_up(max(a + 4 * len(idx) for a, idx in zip(self.scale_at, self.owned)), ALIGN)
         self.offset = [self.owners[i] * self.shard + local[i] for i in range(len(numels))]  # in the flat buffer
         self._bufs: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._copies: Optional[tuple] = None  # (addresses, all_gather_weights' copy lists)
 
     def buffers(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(flat (W * S,), mine (S,)) uint8, made on first use: the FP8 weight all-gather's buffers, also the
@@ -595,20 +596,35 @@ class Fp8ZeroPartition:
         """After the owners' optimizer step: every rank gets every FP8 weight (data + scale_inv), in
         place, through one FP8 all-gather of the owner-ordered buffer (1 byte per element + 4 per tensor)."""
         assert len(weights) == len(self.numels) and all(w.data.dtype == E4M3 for w in weights)
-        W, S, mine_idx = self.world_size, self.shard, self.owned[rank]
         flat, mine = self.buffers(weights[0].data.device)
-        if mine_idx:
-            torch._foreach_copy_([mine[self.offset[i] - rank * S:][:self.numels[i]] for i in mine_idx],
-                                 [weights[i].data.view(torch.uint8).view(-1) for i in mine_idx])
-            a = self.scale_at[rank]
-            mine[a:a + 4 * len(mine_idx)].view(torch.float32).copy_(
-                torch.cat([weights[i].scale_inv.reshape(1).float() for i in mine_idx]))
-        if W > 1:
+        key = (rank, flat.data_ptr(), tuple((w.data.data_ptr(), w.scale_inv.data_ptr()) for w in weights))
+        if self._copies is None or self._copies[0] != key:
+            self._copies = key, self._copy_lists(weights, rank, flat, mine)
+        pack_dst, pack_src, unpack_dst, unpack_src = self._copies[1]
+        if pack_dst:  # my new FP8 weights and their scale_inv into my shard
+            torch._foreach_copy_(pack_dst, pack_src)
+        if self.world_size > 1:
             _all_gather(flat, mine, group=group)
         else:
             flat.copy_(mine)
-        torch._foreach_copy_([w.data.view(torch.uint8).view(-1) for w in weights],
-                             [flat[o:o + n] for o, n in zip(self.offset, self.numels)])
-        si = torch.cat([flat[r * S + a:r * S + a + 4 * len(idx)].view(torch.float32)
-                        for r, (a, idx) in enumerate(zip(self.scale_at, self.owned))])  # owner order
-        torch._foreach_copy_([weights[i].scale_inv.view(-1) for idx in self.owned for i in idx], list(si.split(1)))
+        torch._foreach_copy_(unpack_dst, unpack_src)  # every weight and scale_inv out of the owner's shard
+
+    def _copy_lists(self, weights: list[FP8Tensor], rank: int, flat: torch.Tensor, mine: torch.Tensor) -> tuple:
+        """The views all_gather_weights copies between (made once per set of addresses: a step creates none):
+        (into my shard: dst, src), (out of the flat buffer: dst, src); data as uint8, scale_inv as float32."""
+        S = self.shard
+        assert all(w.scale_inv.dtype == torch.float32 and w.scale_inv.numel() == 1 for w in weights)
+
+        def si_at(buf: torch.Tensor, at: int) -> torch.Tensor:  # the float32 scale_inv stored at byte at
+            return buf[at:at + 4].view(torch.float32)
+        idx, a = self.owned[rank], self.scale_at[rank]
+        pack_dst = [mine[self.offset[i] - rank * S:][:self.numels[i]] for i in idx]
+        pack_dst += [si_at(mine, a + 4 * j) for j in range(len(idx))]
+        pack_src = [weights[i].data.view(torch.uint8).view(-1) for i in idx]
+        pack_src += [weights[i].scale_inv.view(-1) for i in idx]
+        unpack_dst = [w.data.view(torch.uint8).view(-1) for w in weights]
+        unpack_src = [flat[o:o + n] for o, n in zip(self.offset, self.numels)]
+        for r, (a, owned) in enumerate(zip(self.scale_at, self.owned)):  # scales in owner order
+            unpack_dst += [weights[i].scale_inv.view(-1) for i in owned]
+            unpack_src += [si_at(flat, r * S + a + 4 * j) for j in range(len(owned))]
+        return pack_dst, pack_src, unpack_dst, unpack_src
