@@ -645,26 +645,13 @@ def bench_comm(args) -> list[dict]:
     return rows
 
 
-def in_buckets(red, grads: list, dev: torch.device) -> list:
-    """grads with each FP8 one copied into red's bucket buffers (comm.FP8AllReduce.grad_buffers), where
-    train.FP8Comm keeps them: the pre-scale runs in place and no unpack copy is needed. Float grads stay."""
-    views = red.grad_buffers([comm._data(g).numel() for g in grads], dev)
-    out = []
-    for g, v in zip(grads, views):
-        if isinstance(g, FP8Tensor):
-            v.copy_(g.data.view(torch.uint8).view(-1))
-            g = FP8Tensor(v.view(E4M3).view(g.data.shape), g.scale_inv)
-        out.append(g)
-    return out
-
-
 def make_case(variant: str, grads: list, N: int, W: int, dev: torch.device, bucket_mb: str, ring: float):
     """(callable, bytes sent per rank) for one variant."""
     if variant.startswith("fp8"):
         backend = "torch" if variant == "fp8_torch" else "auto"
         red = comm.FP8AllReduce(W, bucket_bytes=int(bucket_mb) << 20, backend=backend)
         if variant != "fp8_copy":  # as training keeps them (train.FP8Comm): the FP8 grads inside the buckets
-            grads = in_buckets(red, grads, dev)
+            grads = red.into_buckets(grads)
         # FP8 grads come with their amax, as FP8Linear.weight_grad_amax gives it for free (no extra read)
         amaxes = [g.dequantize().abs().amax() if isinstance(g, FP8Tensor) else None for g in grads]
         red(grads, amaxes)  # builds the buckets and launch tables

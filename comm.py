@@ -263,9 +263,9 @@ class _Bucket:
     shard: torch.Tensor  # (S,) uint8: my reduced shard
     # the receive buffer (chunk r = rank r's values of my shard) is allocated per call: workspace the
     # caching allocator hands to the next forward's activations, not memory held between steps
-    groups: list[_Group] = field(default_factory=list)  # Triton launch tables, for the addresses in key
-    key: tuple = ()
-    unpack: Optional[tuple] = None  # (key, the FP8 tensors' copy lists): _unpack's views, built once per key
+    groups: list[_Group] = field(default_factory=list)  # Triton launch tables, for the gradients of plan
+    plan: Optional["_Plan"] = None
+    unpack: Optional[tuple] = None  # (plan, src address, the FP8 tensors' copy lists): _unpack's views
 
 
 def _flat_buffers(W: int, S: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,23 +281,20 @@ def _make_bucket(index: list[int], offset: list[int], S: int, W: int, device: to
     return _Bucket(index, offset, *(bufs if bufs is not None else _flat_buffers(W, S, device)))
 
 
-def _unpack(grads: list[Grad], b: _Bucket, src: torch.Tensor, base: int, inv: torch.Tensor, tri: bool,
-            addrs: tuple) -> None:
+def _unpack(grads: list[Grad], b: _Bucket, src: torch.Tensor, base: int, plan: "_Plan", tri: bool) -> None:
     """Reduced E4M3 bytes src = bucket elements [base, base + len(src)) -> the gradients inside it, in
-    place: FP8Tensors take the bytes as they are and scale_inv = inv[i] (two multi-tensor copies, whose
-    lists of views are built once per set of addresses: a step creates none), float tensors the
-    dequantized values. inv: the reducer's persistent (n,) buffer (the views stay valid); addrs: the
-    grads' _addr tuple."""
+    place: FP8Tensors take the bytes as they are (none to copy for those kept in the bucket) and scale_inv =
+    plan.inv[i] (two multi-tensor copies, whose lists of views are built once per plan: a step creates
+    none), float tensors the dequantized values."""
     mine = [(i, o) for i, o in zip(b.index, b.offset) if base <= o < base + src.numel()]
-    key = (src.data_ptr(), inv.data_ptr(), addrs)
-    if b.unpack is None or b.unpack[0] != key:
+    inv = plan.inv
+    if b.unpack is None or b.unpack[0] is not plan or b.unpack[1] != src.data_ptr():
         f8 = [(i, o - base, grads[i]) for i, o in mine if isinstance(grads[i], FP8Tensor)]
-        same = [g.data.data_ptr() == src.data_ptr() + o for _, o, g in f8]  # kept in the bucket: bytes in place
-        f8b = [t for t, s in zip(f8, same) if not s]
-        b.unpack = key, ([g.data.view(torch.uint8).view(-1) for _, _, g in f8b],
-                         [src[o:o + g.data.numel()] for _, o, g in f8b],
-                         [g.scale_inv.view(-1) for _, _, g in f8], [inv[i:i + 1] for i, _, _ in f8])
-    dst, srcs, dst_si, inv1 = b.unpack[1]
+        moved = [(o, g) for _, o, g in f8 if g.data.data_ptr() != src.data_ptr() + o]  # not kept in the bucket
+        b.unpack = plan, src.data_ptr(), ([g.data.view(torch.uint8).view(-1) for _, g in moved],
+                                          [src[o:o + g.data.numel()] for o, g in moved],
+                                          [g.scale_inv.view(-1) for _, _, g in f8], [inv[i:i + 1] for i, _, _ in f8])
+    dst, srcs, dst_si, inv1 = b.unpack[2]
     if dst:
         torch._foreach_copy_(dst, srcs)
     if dst_si:
@@ -345,9 +342,9 @@ class _Plan:
     """Host-side views of one list of gradients (and amaxes), built once per set of addresses, so that an eager
     call makes a fixed number of torch ops however many tensors it reduces (each op costs host time)."""
 
-    def __init__(self, key: tuple, addrs: tuple, grads: list[Grad], amaxes: Optional[list], dev: torch.device):
+    def __init__(self, key: tuple, grads: list[Grad], amaxes: Optional[list], dev: torch.device):
         n = len(grads)
-        self.key, self.addrs = key, addrs
+        self.key = key  # the gradients' and amaxes' addresses, sizes and dtypes
         self.data = [_data(g) for g in grads]  # flat views
         self.total = sum(d.numel() for d in self.data)
         one = torch.ones(1, device=dev)
@@ -399,20 +396,27 @@ class FP8AllReduce:
             S = kernels.round_up(triton.cdiv(offs[-1], self.world_size), ALIGN)  # shard elements (= bytes)
             self.buckets.append(_make_bucket(idx, offs[:-1], S, self.world_size, device))
 
-    def grad_buffers(self, numels: Sequence[int], device: torch.device) -> list[torch.Tensor]:
-        """Flat uint8 views, one per tensor, into the bucket buffers that a call on tensors of these sizes uses.
-        A caller that keeps its gradients there (train.FP8Comm, levels 1-2) turns the pack into an in-place
-        pre-scale and needs no unpack copy: no gradient bytes copied in or out, no second buffer."""
-        self._build(list(numels), device)
+    @torch.no_grad()
+    def into_buckets(self, grads: list[Grad]) -> list[Grad]:
+        """grads with every FP8Tensor's data moved into the bucket buffers that a call on them uses (same shape
+        and values; float grads returned as they are). A caller that keeps its gradients there (train.FP8Comm,
+        levels 1-2) turns the pack into an in-place pre-scale and needs no unpack copy: no gradient bytes
+        copied in or out, no second buffer."""
+        numels = [_data(g).numel() for g in grads]
+        self._build(numels, _data(grads[0]).device)
         self._key = tuple(numels)
-        views: list[torch.Tensor] = [torch.empty(0)] * len(numels)
-        # set_, not slicing: each gets its own version counter (slices share their base's, and autograd would
-        # take one layer's gradient write for a change to another layer's saved gradient buffer)
+        out = list(grads)
         for b in self.buckets:
             for i, o in zip(b.index, b.offset):
-                views[i] = torch.empty(0, dtype=torch.uint8, device=device).set_(b.flat.untyped_storage(), o,
-                                                                                 (numels[i],))
-        return views
+                g = grads[i]
+                if isinstance(g, FP8Tensor):
+                    # set_, not slicing: each gets its own version counter (slices share their base's, and
+                    # autograd would take one layer's gradient write for a change to another's saved buffer)
+                    v = torch.empty(0, dtype=torch.uint8, device=g.data.device).set_(b.flat.untyped_storage(), o,
+                                                                                      (numels[i],))
+                    v.copy_(g.data.view(torch.uint8).view(-1))
+                    out[i] = FP8Tensor(v.view(E4M3).view(g.data.shape), g.scale_inv)
+        return out
 
     @torch.no_grad()
     def _update_mu(self, global_sat: torch.Tensor) -> None:
@@ -469,9 +473,9 @@ class FP8AllReduce:
         amaxes (optional, entries may be None): max |value| of each grad (e.g. FP8Linear.weight_grad_amax),
         saves a read of the gradient."""
         if self._prepare(grads, amaxes):
-            key = tuple(_data(g).numel() for g in grads)
+            key = tuple(d.numel() for d in self._plan.data)
             if key != self._key:
-                self._build(list(key), _data(grads[0]).device)
+                self._build(list(key), self._plan.data[0].device)
                 self._key = key
         return self._run(grads, amaxes, self.buckets, gather=True)
 
@@ -480,8 +484,8 @@ class FP8AllReduce:
         (addresses, sizes, dtypes); a call on the same tensors then makes no per-tensor torch op on the host
         (eager steps: ~1000 views per call for a 1.3B model before). Returns True when it rebuilt."""
         assert grads, "nothing to reduce"
-        addrs = tuple(_addr(g) for g in grads)
-        key = addrs, None if amaxes is None else tuple(a.data_ptr() if a is not None else 0 for a in amaxes)
+        key = tuple(_addr(g) for g in grads), None if amaxes is None else tuple(
+            a.data_ptr() if a is not None else 0 for a in amaxes)
         if self._plan is not None and self._plan.key == key:
             return False
         for g in grads:
@@ -494,7 +498,7 @@ class FP8AllReduce:
         dev = _data(grads[0]).device
         if self.mu is None:
             self._init_state(dev)
-        self._plan = _Plan(key, addrs, grads, amaxes, dev)
+        self._plan = _Plan(key, grads, amaxes, dev)
         return True
 
     def _run(self, grads: list[Grad], amaxes: Optional[list[torch.Tensor]], buckets: list[_Bucket],
@@ -505,8 +509,8 @@ class FP8AllReduce:
         plan = self._plan
         if tri:
             for b in buckets:
-                if b.key != plan.addrs:
-                    b.groups, b.key = _groups(plan.data, b.index, b.offset, b.flat.device), plan.addrs
+                if b.plan is not plan:
+                    b.groups, b.plan = _groups(plan.data, b.index, b.offset, b.flat.device), plan
         found_inf, ratio, inv = self._scales(grads, amaxes, buckets, tri)
         W, grp, fmax = self.world_size, self.group, fp8_max(E4M3)
         rank = dist.get_rank(grp) if W > 1 else 0
@@ -530,9 +534,9 @@ class FP8AllReduce:
                 w.wait()
             # all-reduce: the whole bucket; level 3: my shard, which holds exactly the tensors I own
             if gather:
-                _unpack(grads, b, b.flat, 0, inv, tri, plan.addrs)
+                _unpack(grads, b, b.flat, 0, plan, tri)
             else:
-                _unpack(grads, b, b.shard, rank * b.shard.numel(), inv, tri, plan.addrs)
+                _unpack(grads, b, b.shard, rank * b.shard.numel(), plan, tri)
         self.sat_frac.copy_(torch.where(found_inf > 0, 0.0, self.sat_count.double() / max(plan.total, 1)).float())
         return found_inf
 

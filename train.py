@@ -255,10 +255,9 @@ class FP8Comm:
         for m in self.mods if self.part is not None else ():  # level 3 keeps 1 byte per weight: no (K, N) copy
             m.keep_weight_t = False
         if self.part is None and world > 1 and self.mods:  # levels 1-2: the grads live in the all-reduce buckets
-            views = self.reducer.grad_buffers([m.weight.numel() for m in self.mods], self.mods[0].weight.device)
-            for m, v in zip(self.mods, views):
-                v.copy_(m.weight_grad_fp8.view(torch.uint8).view(-1))
-                m.weight_grad_fp8 = v.view(fp8.E4M3).view(m.weight_grad_fp8.shape)
+            moved = self.reducer.into_buckets([fp8.fp8_grad(m.weight) for m in self.mods])
+            for m, g in zip(self.mods, moved):
+                m.weight_grad_fp8 = g.data
 
     @classmethod
     def needed(cls, model, level: int, rank: int, world: int) -> Optional["FP8Comm"]:
