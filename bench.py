@@ -395,18 +395,21 @@ def _kernel_rows(name: str, level: int, opt, args) -> list:
     meta[optim.G_SI], meta[optim.STEP_SIZE], meta[optim.W_SCALE] = g_si, 1e-4, 2.0 ** 8
     hp = dict(beta1=0.9, one_minus_beta1=0.1, beta2=0.95, one_minus_beta2=0.05, eps=1e-8)
     recasts = torch.zeros(n, device="cuda")
-    variants = [(blk, wp, optim.ADAM_FAST_FP8, True, tr) for blk in args.blocks for wp in args.warps
-                for tr in args.tile_rows if blk % tr == 0 and blk // tr >= 16]
-    variants += [(optim.ADAM_BLOCK, optim.ADAM_WARPS, not optim.ADAM_FAST_FP8, True, optim.TILE_ROWS),
-                 (optim.ADAM_BLOCK, optim.ADAM_WARPS, optim.ADAM_FAST_FP8, False, optim.TILE_ROWS)]
-    rows = []
-    for block, warps, fast, w8, tile_r in variants:
+    best = optim.fp8_cvt(torch.device("cuda"))
+    variants = [(blk, wp, best, True, tr, nreg) for blk in args.blocks for wp in args.warps
+                for tr in args.tile_rows for nreg in args.maxnreg if blk % tr == 0 and blk // tr >= 16]
+    dflt = (optim.ADAM_BLOCK, optim.ADAM_WARPS)
+    variants += [(*dflt, cvt, True, optim.TILE_ROWS, 0) for cvt in (optim.CVT_INT, optim.CVT_SOFT) if cvt != best]
+    variants += [(*dflt, best, False, optim.TILE_ROWS, 0)]
+    rows, cvt_name = [], {optim.CVT_SOFT: "soft", optim.CVT_INT: "int", optim.CVT_PTX: "ptx"}
+    for block, warps, cvt, w8, tile_r, nreg in variants:
         amax, w8s = torch.zeros(3 if w8 else 2, n, device="cuda"), b.w8() if w8 else None
         g = cuda_graph(lambda: optim.fused_adam_step(b.params, gs, b._m1s, b._m2s, None, meta, amax, hp, block,
-                                                     w8s, recasts, warps, fast, tile_r))
+                                                     w8s, recasts, warps, cvt, tile_r, nreg or None))
         kms = triton.testing.do_bench(g.replay, warmup=10, rep=200)
-        what = f"  kernel L{level}, {warps} warps, {'fast' if fast else 'soft'} cvt{f', tile {tile_r} rows' if w8 else ', no FP8 w'}"
-        rows.append(dict(params=name, what=what, block=block, ms=kms,
+        what = (f"  kernel L{level}, {warps} warps, {cvt_name[cvt]} cvt"
+                f"{f', tile {tile_r} rows' if w8 else ', no FP8 w'}{f', maxnreg {nreg}' if nreg else ''}")
+        rows.append(dict(params=name, what=what, block=block, ms=kms, cvt=cvt_name[cvt], maxnreg=nreg,
                          GBps=step_bytes(level, n_lin, 0, w8) / kms / 1e6, n=n_lin))
     assert recasts.sum().item() == 0, "a kernel-alone run re-cast its FP8 weights: its timing is not the usual path"
     return rows
@@ -563,7 +566,7 @@ def bench_memory(args) -> dict:
 
 SETS = {"tiny": (2, 256), "124m": (12, 768), "1.3b": (24, 2048)}  # name -> (n_layer, n_embd)
 VOCAB, BLOCK_SIZE = 50257, 1024
-VARIANTS = ("fp8", "fp8_graph", "fp8_copy", "fp8_torch", "wire", "nccl_bf16", "nccl_fp32")
+VARIANTS = ("fp8", "fp8_rescale", "fp8_graph", "fp8_graph_rescale", "fp8_copy", "fp8_torch", "wire", "nccl_bf16", "nccl_fp32")
 
 
 def grad_set(n_layer: int, C: int, device: torch.device, seed: int) -> list:
@@ -657,20 +660,29 @@ def make_case(variant: str, grads: list, N: int, W: int, dev: torch.device, buck
         red(grads, amaxes)  # builds the buckets and launch tables
         P = sum(b.flat.numel() for b in red.buckets)
         sent = 2 * (W - 1) / W * P + ring * 4 * (len(grads) + 1)  # a2a + all-gather + the amax all-reduce
-        if variant == "fp8_graph":  # the reduce is sync-free on static buffers: replay it as one CUDA graph
+        # Repeated calls on the same grads leave each in the shared scale: the in-place pre-scale then skips
+        # them all (its best case). "_rescale" halves every scale_inv first (one foreach op), so every tensor
+        # must be re-scaled (its worst case); training sits between (train.py logs the fraction, `rescaled`)
+        sis = [g.scale_inv for g in grads if isinstance(g, FP8Tensor)] if variant.endswith("_rescale") else []
+
+        def call():
+            if sis:
+                torch._foreach_mul_(sis, 0.5)
+            red(grads, amaxes)
+        if variant.startswith("fp8_graph"):  # the reduce is sync-free on static buffers: replay it as one CUDA graph
             if dev.type != "cuda":
                 raise ValueError("fp8_graph needs CUDA")
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(3):
-                    red(grads, amaxes)
+                    call()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                red(grads, amaxes)
+                call()
             return graph.replay, sent
-        return (lambda: red(grads, amaxes)), sent
+        return call, sent
     if variant == "wire":  # the same collectives on raw bytes, no compute: the floor of the FP8 path
         bytes_ = int(bucket_mb) << 20
         bufs = []
@@ -798,6 +810,8 @@ def main(argv=None):
     p.add_argument("--levels", nargs="+", type=int, default=[0, 1, 2, 3], help="memory (level 3: under torchrun)")
     p.add_argument("--blocks", nargs="+", type=int, default=[1024, 2048], help="optim: fused-kernel block sizes")
     p.add_argument("--warps", nargs="+", type=int, default=[4, 8], help="optim: fused-kernel warps per program")
+    p.add_argument("--maxnreg", nargs="+", type=int, default=[0],
+                   help="optim: fused-kernel register caps per thread (0: the compiler's choice)")
     p.add_argument("--tile_rows", nargs="+", type=int, default=[optim.TILE_ROWS],
                    help="optim: rows of the fused kernel's 2-D tile of an FP8 weight")
     p.add_argument("--sets", default="124m,1.3b", help=f"comm: comma list of {list(SETS)}")

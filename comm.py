@@ -70,7 +70,13 @@ def setup(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistEnv
         # process (3 = abort without the cleanup that can itself hang); gloo raises on its timeout.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast (lent H200s, KINDS.md)
-        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
+        opts = None
+        if cuda and os.environ.get("NANOFP8_NCCL_HIGH_PRIORITY", "0") == "1":
+            # NCCL's kernels on a high-priority stream: when the FP8 reduce's own kernels (pre-scale, sum)
+            # fill the GPU, the collective's blocks are scheduled first as SMs free up (bench.py comm A/B)
+            opts = dist.ProcessGroupNCCL.Options()
+            opts.is_high_priority_stream = True
+        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world, pg_options=opts,
                                 timeout=timedelta(seconds=timeout_s), device_id=dev if cuda else None)
     return DistEnv(rank, world, local_rank, dev, rank == 0)
 
@@ -137,19 +143,24 @@ def _mt_amax_kernel(ptrs, meta, blocks, amax_ptr, NB, SRC: tl.constexpr, IS_FP8:
 def _mt_prescale_kernel(
     ptrs, meta, blocks, flat_ptr, ratio_ptr, sat_ptr,  # pointers: table, bucket (uint8), ratios (n,), clip count
     NB,  # sizes: blocks in the table
-    SRC: tl.constexpr, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    SRC: tl.constexpr, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, IN_PLACE: tl.constexpr,
 ):
     x_ptrs, mask, y_offs, i = _block_of(ptrs, meta, blocks, NB, SRC, BLOCK, ALIGNED)
     r = tl.load(ratio_ptr + i)
-    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-    xs = tl.where(r == 0.0, 0.0, x * r)  # ratio 0: an empty gradient (its data may be stale)
-    n_sat = tl.sum((tl.abs(xs) > FP8_MAX).to(tl.int32), axis=0)
-    if n_sat > 0:  # rare: an atomic from every one of ~10^5 programs on one address would serialize in L2
-        tl.atomic_add(sat_ptr, n_sat.to(tl.int64))
-    y = tl.clamp(xs, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-    # fp32 -> E4M3 by integer arithmetic (kernels._soft_fp8): hardware conversion from fp32 is not
-    # trusted (miscompiled by Triton 3.6 on H100; the interpreter drops carries and NaN)
-    tl.store(flat_ptr + y_offs, _soft_fp8(y, 3, -6), mask=mask)
+    # IN_PLACE (the E4M3 gradients live in the bucket): ratio 1 leaves every byte as it is and clips none
+    # (|E4M3| <= max), so such a tensor costs no memory traffic. That is the common case: a rank whose
+    # gradient amax sits in the same power-of-two range as the largest rank's has its cast scale = the
+    # shared one (mu = 1)
+    if not (IN_PLACE and r == 1.0):
+        x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        xs = tl.where(r == 0.0, 0.0, x * r)  # ratio 0: an empty gradient (its data may be stale)
+        n_sat = tl.sum((tl.abs(xs) > FP8_MAX).to(tl.int32), axis=0)
+        if n_sat > 0:  # rare: an atomic from every one of ~10^5 programs on one address would serialize in L2
+            tl.atomic_add(sat_ptr, n_sat.to(tl.int64))
+        y = tl.clamp(xs, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+        # fp32 -> E4M3 by integer arithmetic (kernels._soft_fp8): hardware conversion from fp32 is not
+        # trusted (miscompiled by Triton 3.6 on H100; the interpreter drops carries and NaN)
+        tl.store(flat_ptr + y_offs, _soft_fp8(y, 3, -6), mask=mask)
 
 
 @triton.jit
@@ -191,18 +202,20 @@ class _Group:
     meta: torch.Tensor  # (T, 3) int64: numel, offset in the bucket, tensor index
     blocks: torch.Tensor  # (2, NB) int64: table row and first element of every BLOCK-sized block
     aligned: bool  # every address, numel and bucket offset a multiple of 16 elements (vector accesses)
+    in_place: bool  # every tensor's data is its own slot of the bucket (train.FP8Comm's E4M3 grads)
 
 
-def _groups(data: list[torch.Tensor], index: list[int], offset: list[int], device: torch.device) -> list[_Group]:
+def _groups(data: list[torch.Tensor], index: list[int], offset: list[int], flat: torch.Tensor) -> list[_Group]:
     out = []
     for dt in dict.fromkeys(data[i].dtype for i in index):
         rows = [(data[i].numel(), o, i) for i, o in zip(index, offset) if data[i].dtype == dt]
         blocks = [(t, s) for t, (n, _, _) in enumerate(rows) for s in range(0, n, BLOCK)]
-        i64 = dict(dtype=torch.int64, device=device)
+        i64 = dict(dtype=torch.int64, device=flat.device)
         ptrs = [data[r[2]].data_ptr() for r in rows]
         aligned = all(n % 16 == 0 and o % 16 == 0 for n, o, _ in rows) and all(p % (16 * dt.itemsize) == 0 for p in ptrs)
+        in_place = dt == E4M3 and all(p == flat.data_ptr() + o for p, (_, o, _) in zip(ptrs, rows))
         out.append(_Group(dt, [r[2] for r in rows], torch.tensor(ptrs, **i64), torch.tensor(rows, **i64),
-                          torch.tensor(blocks, **i64).t().contiguous(), aligned))
+                          torch.tensor(blocks, **i64).t().contiguous(), aligned, in_place))
     return out
 
 
@@ -354,6 +367,9 @@ class _Plan:
         self.amax = [self.own[i:i + 1] if self.no_amax[i] else amaxes[i].reshape(1).float() for i in range(n)]
         self.scaled_own = torch.tensor(self.no_amax, device=dev)  # own amaxes still need * scale_inv
         self.inv = torch.empty(n, device=dev)  # 1 / shared scale, written by every call (_unpack views it)
+        n8 = sum(_data(g).numel() for g in grads if isinstance(g, FP8Tensor))
+        self.share = torch.tensor([_data(g).numel() / n8 if isinstance(g, FP8Tensor) else 0.0 for g in grads],
+                                  device=dev)  # of the FP8 gradient elements
 
 
 class FP8AllReduce:
@@ -380,6 +396,9 @@ class FP8AllReduce:
         self.sat_frac = torch.zeros(1, **f32)  # this rank's clipped fraction in the last call
         self.prev_inf = torch.ones(1, **f32)  # last call found NaN/Inf (1 at start: no last call)
         self.sat_count = torch.zeros(1, dtype=torch.int64, device=device)
+        # fraction of the FP8 gradient elements of the last call whose tensor needed a re-scale (ratio != 1);
+        # kept in the bucket, the others cost the pre-scale no traffic (_mt_prescale_kernel IN_PLACE). For the log
+        self.rescaled = torch.zeros(1, **f32)
 
     def _build(self, numels: list[int], device: torch.device) -> None:
         """Tensors in order, whole, into buckets of <= bucket_bytes (a bigger tensor gets its own)."""
@@ -510,15 +529,17 @@ class FP8AllReduce:
         if tri:
             for b in buckets:
                 if b.plan is not plan:
-                    b.groups, b.plan = _groups(plan.data, b.index, b.offset, b.flat.device), plan
+                    b.groups, b.plan = _groups(plan.data, b.index, b.offset, b.flat), plan
         found_inf, ratio, inv = self._scales(grads, amaxes, buckets, tri)
+        torch.sum(plan.share * (ratio != 1.0), dim=0, keepdim=True, out=self.rescaled)
         W, grp, fmax = self.world_size, self.group, fp8_max(E4M3)
         rank = dist.get_rank(grp) if W > 1 else 0
         self.sat_count.zero_()
         works, recvs = [], []
         for b in buckets:  # pack each bucket and start its FP8 reduce-scatter at once
             for g in b.groups if tri else []:
-                _launch(_mt_prescale_kernel, g, b.flat, ratio, self.sat_count, SRC=_TL[g.dtype], FP8_MAX=fmax)
+                _launch(_mt_prescale_kernel, g, b.flat, ratio, self.sat_count, SRC=_TL[g.dtype], FP8_MAX=fmax,
+                        IN_PLACE=g.in_place)
             for i, off in zip(b.index, b.offset) if not tri else []:
                 _prescale_ref(plan.data[i], b.flat.view(E4M3), off, ratio[i], self.sat_count)
             recvs.append(torch.empty_like(b.flat) if W > 1 else b.flat)

@@ -51,9 +51,16 @@ CLIP_EPS = 1e-6  # clip coefficient max_norm / (norm + eps), as torch.nn.utils.c
 # (16 elements per thread), 75% at 1024 x 4, 59% at 1024 x 8; level 1 93-94% at 2048 either way
 ADAM_BLOCK = 2048 if not kernels.INTERPRET else 4096
 ADAM_WARPS = 4 if not kernels.INTERPRET else 1
-# E4M3 stores by the short integer conversion _e4m3_bits (~15 ops) instead of kernels._soft_fp8 (~45): level 2
-# converts 3 values per element (m1, the FP8 weight); at 11-13 bytes per element that is what bounds the kernel
-ADAM_FAST_FP8 = True  # False: the old conversion, for bench.py optim's comparison
+# E4M3 stores (m1, the FP8 weight): the level-2 kernel issued ~135 instructions per element (sm_90 SASS, 2192
+# for 16 elements), about as long as its 13 bytes take to move, so the conversion matters. CVT_PTX: the hardware
+# conversion (2 values per instruction; CUDA sm_89+; 1808 for 16); CVT_INT: integer bit arithmetic _e4m3_bits
+# (~15 ops; any backend, the interpreter included); CVT_SOFT: kernels._soft_fp8 (~45 ops; the first version).
+# All three give the same bits (test_e4m3_bits_match_torch, test_fused_kernel_matches_reference_gpu).
+# H100, bench.py optim, 1.3B set, level-2 kernel: ptx 6.28 ms (83.2% of copy bandwidth), int 6.76 (77.3%),
+# soft 9.18 (56.9%); maxnreg 96 (5 instead of 4 programs per SM) changed nothing (6.29)
+CVT_SOFT, CVT_INT, CVT_PTX = 0, 1, 2
+ADAM_FP8_CVT = None  # None: CVT_PTX where the device has it, else CVT_INT
+ADAM_MAXNREG = None  # register cap per thread (None: the compiler's choice); bench.py optim --maxnreg sweeps it
 # FP8 weights are stepped in (TILE_ROWS, block // TILE_ROWS) tiles, so that the transposed copy is written as
 # 32-byte row segments (one DRAM sector), not single bytes 768+ apart as a flat 1-D walk would
 TILE_ROWS = 32
@@ -119,9 +126,23 @@ def _e4m3_bits(x):
 
 
 @triton.jit
-def _to_e4m3(x, FAST_FP8: tl.constexpr):
-    """Saturated fp32 -> E4M3 bits (uint8). Integer conversions: Triton's fp32 -> fp8 is miscompiled on H100."""
-    if FAST_FP8:
+def _e4m3_bits_ptx(x):
+    """fp32 x -> E4M3 bits (uint8) by the conversion instruction of sm_89+, `cvt.rn.satfinite.e4m3x2.f32`:
+    round to nearest even, straight from fp32 (Triton's own fp32 -> fp8 path rounds twice, through fp16,
+    on Triton 3.6). One instruction per 2 values instead of ~15 integer ops per value: the fused step is
+    bound by instruction issue as much as by memory. Same bits as _e4m3_bits for |x| <= 448 (NaN: 0x7F)."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1; cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3; "
+        "mov.b32 $0, {lo, hi}; }", "=r,f,f,f,f", [x], dtype=tl.uint8, is_pure=True, pack=4)
+
+
+@triton.jit
+def _to_e4m3(x, CVT: tl.constexpr):
+    """Saturated fp32 -> E4M3 bits (uint8). CVT: 2 (CVT_PTX) the PTX conversion (CUDA sm_89+), 1 (CVT_INT) integer bit
+    arithmetic (any backend, the interpreter included), 0 (CVT_SOFT) kernels._soft_fp8 (the first version)."""
+    if CVT == 2:
+        q = _e4m3_bits_ptx(x)
+    elif CVT == 1:
         q = _e4m3_bits(x)
     else:
         q = kernels._soft_fp8(x, 3, -6)
@@ -130,13 +151,13 @@ def _to_e4m3(x, FAST_FP8: tl.constexpr):
 
 @triton.jit
 def _store_state(ptr, offs, mask, x, scale, SCALED: tl.constexpr, FMAX: tl.constexpr, IS_FP8: tl.constexpr,
-                 FAST_FP8: tl.constexpr):
+                 CVT: tl.constexpr):
     """x (fp32) -> storage dtype (x * scale, saturated); returns max |stored| in scaled units. Rounding
     is monotone, so that is the rounded max |x|: one scalar rounding instead of one per element."""
     if SCALED:
         x = tl.clamp(x * scale, -FMAX, FMAX, propagate_nan=tl.PropagateNan.ALL)
     if IS_FP8:
-        tl.store(ptr + offs, _to_e4m3(x, FAST_FP8).to(ptr.dtype.element_ty, bitcast=True), mask=mask)
+        tl.store(ptr + offs, _to_e4m3(x, CVT).to(ptr.dtype.element_ty, bitcast=True), mask=mask)
         amax = kernels._round_to_fp8_grid(tl.max(tl.abs(x)), 3, -6)
     else:
         tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=mask)
@@ -167,9 +188,9 @@ def _run(j, numel, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _store_fp8_weight(w8_ptr, w8t_ptr, offs, offs_t, mask, w, scale, FAST_FP8: tl.constexpr, HAS_WT: tl.constexpr):
+def _store_fp8_weight(w8_ptr, w8t_ptr, offs, offs_t, mask, w, scale, CVT: tl.constexpr, HAS_WT: tl.constexpr):
     """w (fp32 values of the FP16 weight) * scale, saturated, as E4M3 into w_fp8 (R, C) and (HAS_WT) w_fp8_t (C, R)."""
-    q = _to_e4m3(tl.clamp(w * scale, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL), FAST_FP8)
+    q = _to_e4m3(tl.clamp(w * scale, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL), CVT)
     q = q.to(w8_ptr.dtype.element_ty, bitcast=True)
     tl.store(w8_ptr + offs, q, mask=mask)
     if HAS_WT:
@@ -189,7 +210,7 @@ def _adam_kernel(
     n, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,  # sizes and hyperparameters (lr: in meta)
     M1_SCALED: tl.constexpr, M1_MAX: tl.constexpr, M1_FP8: tl.constexpr,
     M2_SCALED: tl.constexpr, M2_MAX: tl.constexpr, M2_FP8: tl.constexpr,
-    HAS_MASTER: tl.constexpr, W8: tl.constexpr, FAST_FP8: tl.constexpr, BLOCK: tl.constexpr, TILE_R: tl.constexpr,
+    HAS_MASTER: tl.constexpr, W8: tl.constexpr, CVT: tl.constexpr, BLOCK: tl.constexpr, TILE_R: tl.constexpr,
     HAS_WT: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -227,8 +248,8 @@ def _adam_kernel(
         tl.store(master_ptr + offs, w, mask=mask)
     w = w.to(w_ptr.dtype.element_ty)
     tl.store(w_ptr + offs, w, mask=mask)
-    a1 = _store_state(m1_ptr, offs, mask, m, tl.load(meta_ptr + 3 * n + t), M1_SCALED, M1_MAX, M1_FP8, FAST_FP8)
-    a2 = _store_state(m2_ptr, offs, mask, v, tl.load(meta_ptr + 6 * n + t), M2_SCALED, M2_MAX, M2_FP8, FAST_FP8)
+    a1 = _store_state(m1_ptr, offs, mask, m, tl.load(meta_ptr + 3 * n + t), M1_SCALED, M1_MAX, M1_FP8, CVT)
+    a2 = _store_state(m2_ptr, offs, mask, v, tl.load(meta_ptr + 6 * n + t), M2_SCALED, M2_MAX, M2_FP8, CVT)
     # per-block maxima, reduced per tensor by _finish_kernel: atomics on one address per tensor from
     # thousands of blocks serialize in L2 (measured: level 2 at 54% of copy bandwidth with them)
     nprog = tl.num_programs(0)
@@ -239,7 +260,7 @@ def _adam_kernel(
     if W8:  # the next forward's FP8 weight, from the FP16 weight just stored (what a cast after the step reads)
         w = w.to(tl.float32)
         _store_fp8_weight(_ptr(row, 5, w80_ptr), _ptr(row, 6, w80_ptr), offs, offs_t, mask, w,
-                          tl.load(meta_ptr + 11 * n + t), FAST_FP8, HAS_WT)  # W_SCALE
+                          tl.load(meta_ptr + 11 * n + t), CVT, HAS_WT)  # W_SCALE
         tl.store(part_ptr + 2 * nprog + pid, tl.max(tl.abs(w)))
 
 
@@ -248,7 +269,7 @@ def _finish_kernel(
     table_ptr, meta_ptr, part_ptr, amax_ptr, recast_ptr,  # int64 (n, 13), float32 (12, n), (3, nblocks), (3, n), (n,)
     w0_ptr, w80_ptr, n, nblocks,  # element types; sizes
     M1_SCALED: tl.constexpr, M2_SCALED: tl.constexpr, W8: tl.constexpr, RECAST_ANY: tl.constexpr,
-    FAST_FP8: tl.constexpr, BLOCK: tl.constexpr, TILE_R: tl.constexpr, RBLOCK: tl.constexpr, HAS_WT: tl.constexpr,
+    CVT: tl.constexpr, BLOCK: tl.constexpr, TILE_R: tl.constexpr, RBLOCK: tl.constexpr, HAS_WT: tl.constexpr,
 ):
     """Program (t, s): amax_out[:, t] = max over tensor t's blocks of _adam_kernel's partial maxima (program 0;
     every program reduces the weight's, which decides a re-cast). FP8 weights: the scale used (W_SCALE) stands unless it saturated
@@ -301,7 +322,7 @@ def _finish_kernel(
             for jj in range(s, nb, tl.num_programs(1)):
                 offs, offs_t, mask = _tile(jj, R, C, TILE_R, BLOCK // TILE_R)
                 w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                _store_fp8_weight(w8_ptr, w8t_ptr, offs, offs_t, mask, w, scale, FAST_FP8, HAS_WT)
+                _store_fp8_weight(w8_ptr, w8t_ptr, offs, offs_t, mask, w, scale, CVT, HAS_WT)
 
 
 @triton.jit
@@ -416,9 +437,16 @@ def adam_step_ref(ws, gs, m1s, m2s, masters, meta, amax_out, hp: dict, w8=None, 
             amax_out[2, i] = _fp8_weight_ref(ws[i], *(c[i] for c in w8), meta[W_SCALE, i], recasts[i])
 
 
+def fp8_cvt(device: torch.device) -> int:
+    """The fastest E4M3 conversion the device runs: CVT_PTX on CUDA sm_89+ (not in the interpreter), else CVT_INT."""
+    if device.type == "cuda" and not kernels.INTERPRET and torch.cuda.get_device_capability(device) >= (8, 9):
+        return CVT_PTX
+    return CVT_INT
+
+
 def fused_adam_step(ws, gs, m1s, m2s, masters, meta, amax_out, hp: dict, block: int = ADAM_BLOCK,
-                    w8=None, recasts=None, warps: int = ADAM_WARPS, fast_fp8: bool = ADAM_FAST_FP8,
-                    tile_r: int = TILE_ROWS) -> None:
+                    w8=None, recasts=None, warps: int = ADAM_WARPS, cvt: Optional[int] = ADAM_FP8_CVT,
+                    tile_r: int = TILE_ROWS, maxnreg: Optional[int] = ADAM_MAXNREG) -> None:
     """One AdamW step of n tensors in two launches. ws/gs/m1s/m2s/masters: lists of n tensors (masters or
     None), gs FP8 (x meta[G_SI]) or float; meta float32 (N_META, n); amax_out float32 (2, n) zeros;
     hp: python floats beta1, one_minus_beta1, beta2, one_minus_beta2, eps.
@@ -440,19 +468,21 @@ def fused_adam_step(ws, gs, m1s, m2s, masters, meta, amax_out, hp: dict, block: 
     d1, d2 = m1s[0].dtype, m2s[0].dtype
     f32 = {k: torch.tensor(v, dtype=torch.float32).item() for k, v in hp.items()}  # fp32 values, as the ref
     w80 = w8[0][0] if w8 is not None else ws[0]
+    cvt = fp8_cvt(ws[0].device) if cvt is None else cvt
+    assert cvt in (CVT_SOFT, CVT_INT, CVT_PTX), f"cvt: CVT_SOFT, CVT_INT or CVT_PTX, got {cvt}"
     _adam_kernel[(nblocks,)](
         table, bmap, meta, part, *[c[0] for c in cols[:5]], w80, len(ws),
         f32["beta1"], f32["one_minus_beta1"], f32["beta2"], f32["one_minus_beta2"], f32["eps"],
         M1_SCALED=is_scaled(d1), M1_MAX=torch.finfo(d1).max, M1_FP8=d1 == E4M3,
         M2_SCALED=is_scaled(d2), M2_MAX=torch.finfo(d2).max, M2_FP8=d2 == E4M3,
-        HAS_MASTER=masters is not None, W8=w8 is not None, FAST_FP8=fast_fp8, BLOCK=block, TILE_R=tile_r,
+        HAS_MASTER=masters is not None, W8=w8 is not None, CVT=cvt, BLOCK=block, TILE_R=tile_r,
         HAS_WT=has_wt, ALIGNED=all(w.numel() % 16 == 0 for w in ws), num_warps=warps,
-        enable_fp_fusion=False)  # bit-exact vs adam_step_ref
+        enable_fp_fusion=False, **({"maxnreg": maxnreg} if maxnreg else {}))  # bit-exact vs adam_step_ref
     if is_scaled(d1) or is_scaled(d2) or w8 is not None:
         _finish_kernel[(len(ws), RECAST_SPLIT if w8 is not None else 1)](
             table, meta, part, amax_out, recasts if recasts is not None else meta, ws[0], w80, len(ws), nblocks,
             M1_SCALED=is_scaled(d1), M2_SCALED=is_scaled(d2), W8=w8 is not None, RECAST_ANY=RECAST_ANY_CHANGE,
-            FAST_FP8=fast_fp8, BLOCK=block, TILE_R=tile_r, RBLOCK=1024 if not kernels.INTERPRET else 64, HAS_WT=has_wt,
+            CVT=cvt, BLOCK=block, TILE_R=tile_r, RBLOCK=1024 if not kernels.INTERPRET else 64, HAS_WT=has_wt,
             num_warps=4 if not kernels.INTERPRET else 1)
 
 

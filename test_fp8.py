@@ -940,18 +940,20 @@ def accesses(fn, signature, constexprs):  # pointer args 16-byte aligned, as Tri
     src = triton.compiler.ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}},
                                     constexprs=constexprs, attrs=attrs)
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
-    return collections.Counter(re.findall(r"(?:ld|st)\.global\.[a-z0-9.]+", ptx))
+    return collections.Counter(re.findall(r"(?:ld|st)\.global\.[a-z0-9.]+|cvt\.rn\.satfinite\.e4m3x2\.f32", ptx))
 
 aligned, tab = sys.argv[1] == "1", {"table_ptr": "*i64", "block_ptr": "*i32"}
-adam = accesses(optim._adam_kernel, {
-    **tab, "meta_ptr": "*fp32", "part_ptr": "*fp32", "w0_ptr": "*fp16", "g0_ptr": "*fp8e4nv", "m10_ptr": "*fp8e4nv",
-    "m20_ptr": "*fp16", "master0_ptr": "*fp16", "w80_ptr": "*fp8e4nv", "n": "i32", "beta1": "fp32",
-    "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "eps": "fp32"},
-    dict(M1_SCALED=True, M1_MAX=448.0, M1_FP8=True, M2_SCALED=True, M2_MAX=65504.0, M2_FP8=False, HAS_MASTER=False,
-         W8=False, FAST_FP8=True, BLOCK=2048, TILE_R=32, HAS_WT=False, ALIGNED=aligned))
+adam_sig = {**tab, "meta_ptr": "*fp32", "part_ptr": "*fp32", "w0_ptr": "*fp16", "g0_ptr": "*fp8e4nv",
+            "m10_ptr": "*fp8e4nv", "m20_ptr": "*fp16", "master0_ptr": "*fp16", "w80_ptr": "*fp8e4nv", "n": "i32",
+            "beta1": "fp32", "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "eps": "fp32"}
+adam_cx = dict(M1_SCALED=True, M1_MAX=448.0, M1_FP8=True, M2_SCALED=True, M2_MAX=65504.0, M2_FP8=False,
+               HAS_MASTER=False, W8=False, CVT=optim.CVT_INT, BLOCK=2048, TILE_R=32, HAS_WT=False, ALIGNED=aligned)
+adam = accesses(optim._adam_kernel, adam_sig, adam_cx)
 sumsq = accesses(optim._sumsq_kernel, {**tab, "out_ptr": "*fp32", "g0_ptr": "*fp8e4nv"},
                  dict(BLOCK=optim.SUMSQ_BLOCK, ALIGNED=aligned))
-print(json.dumps(dict(adam=adam, sumsq=sumsq)))
+w8 = accesses(optim._adam_kernel, adam_sig,  # the FP8-weight path with the PTX conversion (ptxas accepts it)
+              dict(adam_cx, W8=True, CVT=optim.CVT_PTX, HAS_WT=True))
+print(json.dumps(dict(adam=adam, sumsq=sumsq, w8=w8)))
 """
 
 
@@ -967,6 +969,8 @@ def test_flat_kernels_vectorize_when_aligned(aligned):
         pytest.skip(f"Triton without its CUDA backend: {r.stderr.strip().splitlines()[-1]}")
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
+    w8 = out.pop("w8")
+    assert w8.get("cvt.rn.satfinite.e4m3x2.f32", 0) > 0, w8  # the FP8 weight / m1 stores by the hardware conversion
     for name, acc in out.items():
         narrow = sum(c for k, c in acc.items() if k.endswith((".b8", ".b16")))  # one FP8 / FP16 element each
         assert (narrow == 0 and acc.get("ld.global.v4.b32", 0) > 0) if aligned else narrow > 0, (name, acc)
@@ -1015,23 +1019,26 @@ STEP_W8_LOSS_RTOL = 1e-4
 
 
 @triton.jit
-def _e4m3_test_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr, FAST: tl.constexpr):
+def _e4m3_test_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr, CVT: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(y_ptr + offs, optim._to_e4m3(tl.load(x_ptr + offs, mask=offs < n), FAST), mask=offs < n)
+    tl.store(y_ptr + offs, optim._to_e4m3(tl.load(x_ptr + offs, mask=offs < n), CVT), mask=offs < n)
 
 
 @needs_triton
-@pytest.mark.parametrize("fast", [True, False])
-def test_e4m3_bits_match_torch(fast):
-    """The step's fp32 -> E4M3 conversions (the short one, and kernels._soft_fp8) equal torch's on every
-    rounding case: all fp32 values in [-448, 448] with low 12 mantissa bits 0, 1 or next to a tie (the
-    rounding bit is bit 19 for normals, lower for subnormals: every pattern above bit 12 is enumerated)."""
+@pytest.mark.parametrize("cvt", [optim.CVT_INT, optim.CVT_SOFT, optim.CVT_PTX])
+def test_e4m3_bits_match_torch(cvt):
+    """The step's fp32 -> E4M3 conversions (the PTX instruction, the short integer one, kernels._soft_fp8)
+    equal torch's on every rounding case: all fp32 values in [-448, 448] with low 12 mantissa bits 0, 1 or
+    next to a tie (the rounding bit is bit 19 for normals, lower for subnormals: every pattern above bit 12
+    is enumerated)."""
+    if cvt == optim.CVT_PTX and optim.fp8_cvt(torch.device(DEV)) != optim.CVT_PTX:
+        pytest.skip("the PTX conversion needs a CUDA GPU of sm_89+ (compiled, not interpreted)")
     hi = torch.arange(0, (0x43E00000 >> 12) + 1, dtype=torch.int64) << 12
     bits = (hi[:, None] | torch.tensor([0, 1, 0x7FF, 0x800, 0x801, 0xFFF])[None, :]).reshape(-1)
     x = bits[bits <= 0x43E00000].to(torch.int32).view(torch.float32)
     x = torch.cat([x, -x, torch.tensor([float("nan")])]).to(DEV)
     y = torch.empty(x.numel(), dtype=torch.uint8, device=DEV)
-    _e4m3_test_kernel[(triton.cdiv(x.numel(), 1 << 16),)](x, y, x.numel(), BLOCK=1 << 16, FAST=fast)
+    _e4m3_test_kernel[(triton.cdiv(x.numel(), 1 << 16),)](x, y, x.numel(), BLOCK=1 << 16, CVT=cvt)
     want = x.to(E4M3).view(torch.uint8)
     assert torch.equal(y[:-1], want[:-1]) and y[-1].item() & 0x7F == 0x7F  # NaN stays NaN
 
@@ -1261,6 +1268,9 @@ def _in_bucket_worker(rank: int) -> None:
             flats = {bk.flat.untyped_storage().data_ptr() for bk in inside.buckets}
             assert all(g.data.untyped_storage().data_ptr() in flats for g in b if isinstance(g, FP8Tensor))
             assert outside(a).item() == inside(b).item() == 0
+            # the pre-scale knows the bucket holds them (and skips a ratio-1 tensor: rank 1's big one, the zeros)
+            e4 = lambda r: [g.in_place for bk in r.buckets for g in bk.groups if g.dtype == E4M3]  # noqa: E731
+            assert not kernels.use_triton(inside.mu) or (all(e4(inside)) and e4(inside) and not any(e4(outside)))
             for x, y in zip(a, b):
                 if isinstance(x, FP8Tensor):
                     assert torch.equal(x.data.view(torch.uint8), y.data.view(torch.uint8))
@@ -1945,7 +1955,7 @@ def run2(data_dir, out_dir, device="cpu", poison_step=None, **flags) -> dict:
     recs = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
     steps = [r for r in recs if r["type"] == "step"]
     return dict(losses={r["step"]: r["loss"] for r in steps}, skipped=[r["step"] for r in steps if r["skipped"]],
-                mu=[r.get("mu") for r in steps], ckpt=os.path.join(out_dir, "ckpt.pt"),
+                mu=[r.get("mu") for r in steps], rescaled=[r.get("rescaled") for r in steps], ckpt=os.path.join(out_dir, "ckpt.pt"),
                 held=[torch.load(os.path.join(out_dir, f"held{k}.pt")) for k in range(WORLD)],
                 grad_storages=[json.load(open(os.path.join(out_dir, f"grad_storages{k}.json"))) for k in range(WORLD)])
 
@@ -1981,6 +1991,7 @@ def test_fp8_allreduce_two_ranks_match_one_process(level, device, data_dir, tmp_
     two = run2(data_dir, tmp_path / "two", device, **flags)
     assert sorted(two["losses"]) == list(range(steps)) and two["skipped"] == []
     assert all(mu == 1.0 for mu in two["mu"])  # logged; nothing clipped here, so it stays at mu_init
+    assert all(0.0 <= r <= 1.0 for r in two["rescaled"]), two["rescaled"]  # logged: fraction re-scaled
     np.testing.assert_allclose([two["losses"][s] for s in range(steps)], [one[s] for s in range(steps)],
                                rtol=DIST_LOSS_RTOL[level])
     _same_on_ranks(two["held"])

@@ -303,10 +303,13 @@ class FP8Comm:
                 m.weight.data = torch.zeros((), dtype=m.weight.dtype, device=m.weight.device).expand(m.weight.shape)
 
 
-def fp8_comm_mu(model):
-    """The FP8 all-reduce's auto-scaling factor mu of the last step (None without one); for the log."""
+def fp8_comm_stats(model) -> dict:
+    """The FP8 all-reduce's auto-scaling factor mu and the fraction of FP8 gradient elements it had to
+    re-scale, of the last step ({} without one); for the log (host syncs: log steps only)."""
     fc = model.__dict__.get("fp8_comm")
-    return fc.reducer.mu.item() if fc is not None and fc.reducer.mu is not None else None
+    if fc is None or fc.reducer.mu is None:
+        return {}
+    return dict(mu=fc.reducer.mu.item(), rescaled=fc.reducer.rescaled.item())
 
 
 def allreduce_amax(model) -> None:
@@ -511,7 +514,8 @@ class Logger:
         lr = f"{r['lr']:.1e}".replace("e-0", "e-")  # 6.0e-4
         self(dict(type="step", **r),
              f"step {r['step']} | loss {r['loss']:.4f} | lr {lr} | {r['ms']:.0f} ms | {rate} tok/s | mfu {mfu} | "
-             f"mem {r['mem_gb']:.1f} GB" + (f" | sat {r['sat']:.2f}%" if r["sat"] is not None else "") + (f" | mu {r['mu']:g}" if r.get("mu") else "")
+             f"mem {r['mem_gb']:.1f} GB" + (f" | sat {r['sat']:.2f}%" if r["sat"] is not None else "")
+             + (f" | mu {r['mu']:g} | rescaled {r['rescaled']:.0%}" if r.get("mu") else "")
              + (f" | SKIPPED (non-finite, {r['n_skipped']} so far)" if r["skipped"] else ""))
 
 
@@ -734,7 +738,7 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device: str = "cpu") 
         sites = M.cast_site_stats(raw, cfg.batch_size * cfg.block_size * accum) if mon else None
         log.step(step=step, loss=loss_v, lr=lr_at(step, cfg), ms=1e3 * dt, tok_s=total / dt, mfu=mfu,
                  mem_gb=peak_mem_gb(device), sat=read_saturation(raw, cfg.batch_size * cfg.block_size * accum),
-                 grad_norm=norm_v, skipped=bool(skipped), n_skipped=n_skipped, mu=fp8_comm_mu(raw))
+                 grad_norm=norm_v, skipped=bool(skipped), n_skipped=n_skipped, **fp8_comm_stats(raw))
         if mon:
             fp8.count_cast_stats(raw, False)
             monitor(raw, xs[0], step, sites, watch, log, device)
