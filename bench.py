@@ -815,7 +815,7 @@ def main(argv=None):
     p.add_argument("--tile_rows", nargs="+", type=int, default=[optim.TILE_ROWS],
                    help="optim: rows of the fused kernel's 2-D tile of an FP8 weight")
     p.add_argument("--sets", default="124m,1.3b", help=f"comm: comma list of {list(SETS)}")
-    p.add_argument("--bucket_mb", default="64", help="comm: FP8 bucket sizes to sweep (MiB)")
+    p.add_argument("--bucket_mb", default=str(comm.BUCKET_BYTES >> 20), help="comm: FP8 bucket sizes to sweep (MiB)")
     p.add_argument("--reps", type=int, default=50, help="comm")
     p.add_argument("--warmup", type=int, default=5, help="comm")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="comm, memory")
