@@ -358,6 +358,22 @@ def test_precise_gemm_configs_share_one_promotion_interval():
     assert kernels._precise_configs(cfgs, {}, PRECISE=False) == cfgs
 
 
+def test_autotune_off_keeps_one_config_per_kernel():
+    """NANOFP8_AUTOTUNE=0 (GPU test runs: one compile per kernel variant) leaves each autotuner its first config;
+    by default they compete over the whole table."""
+    code = ("import kernels as k; print([len(t.configs) for t in (k._gemm_tma_kernel, k._attn_fwd_tuned, "
+            "k._attn_dq_tuned, k._attn_dkdv_tuned)])")
+    counts = {}
+    for flag in ("0", "1"):
+        env = {**os.environ, "NANOFP8_AUTOTUNE": flag}
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                           cwd=os.path.dirname(os.path.abspath(__file__)))
+        assert r.returncode == 0, r.stderr[-2000:]
+        counts[flag] = json.loads(r.stdout.strip().splitlines()[-1])
+    assert counts["0"] == [1, 1, 1, 1]
+    assert counts["1"] == [len(kernels._tma_configs())] + [len(kernels._ATTN_TABLE)] * 3 and min(counts["1"]) > 1
+
+
 @pytest.mark.parametrize("policy", list(fp8.PRECISE_ACC))
 def test_linear_precise_acc_reaches_each_gemm(policy, monkeypatch):
     """FP8Linear.precise_acc (train.py --precise_acc) picks the forward, dgrad and wgrad GEMMs that promote."""
