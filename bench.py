@@ -294,6 +294,13 @@ def _time_step_isolated(preset, B, T, level, compile_, graph, steps, profile=Fal
     return json.loads(last)
 
 
+def wanted(tag: str, variants: str) -> bool:
+    """--variants "a,b": keep the variants whose label contains a or b, spaces ignored ("+compile+graph"
+    matches "fp8 level 2 +compile +graph"); empty keeps all."""
+    flat = tag.replace(" ", "")
+    return not variants or any(v.replace(" ", "") in flat for v in variants.split(",") if v.strip())
+
+
 def bench_step(args) -> dict:
     """Training step (fwd + bwd + optimizer) of train.py's model per level, median of many steps."""
     out = {}
@@ -302,14 +309,14 @@ def bench_step(args) -> dict:
         preset, B, T = STEP_SHAPES[name]
         base = None
         for label, level in STEP_VARIANTS:
-            if level == TORCHAO and importlib.util.find_spec("torchao") is None:
+            modes = {0: ((True, True), (False, True)), TORCHAO: ((True, True), (True, False))}
+            tags = [(f"{label}{' +compile' if c else ''}{' +graph' if g else ''}", c, g)
+                    for c, g in modes.get(level, ((False, True), (True, True), (True, False)))]
+            tags = [t for t in tags if wanted(t[0], args.variants)]
+            if tags and level == TORCHAO and importlib.util.find_spec("torchao") is None:
                 print(f"{name:<6} {label:<26} skipped: torchao is not installed (optional peer)")
                 continue
-            modes = {0: ((True, True), (False, True)), TORCHAO: ((True, True), (True, False))}
-            for compile_, graph in modes.get(level, ((False, True), (True, True), (True, False))):
-                tag = f"{label}{' +compile' if compile_ else ''}{' +graph' if graph else ''}"
-                if args.variants and not any(v in tag for v in args.variants.split(",")):
-                    continue
+            for tag, compile_, graph in tags:
                 try:
                     r = _time_step_isolated(preset, B, T, level, compile_, graph, args.steps, args.profile)
                 except Exception as e:  # one failing variant must not hide the others
@@ -321,6 +328,9 @@ def bench_step(args) -> dict:
                 out[f"{name}/{tag}"] = r
                 print(f"{name:<6} {tag:<26} {r['ms']:8.1f} {r['tok_s']:9.0f} {100 * r['mfu']:4.0f}% {r['peak_gb']:8.1f} "
                       f"{r['vs_bf16']:7.2f}x", flush=True)
+    if not out:
+        print(f"no variant ran (--variants {args.variants!r}; labels: {', '.join(l for l, _ in STEP_VARIANTS)}, "
+              f"each with +compile and/or +graph)")
     return out
 
 

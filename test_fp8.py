@@ -1911,6 +1911,16 @@ def _memory_args(levels):
     return argparse.Namespace(device="cpu", sizes=["tiny"], levels=levels)
 
 
+def test_bench_step_variant_filter():
+    """bench.py step --variants: substrings of the labels, spaces ignored (a filter that matched nothing cost
+    a GPU call: "+compile+graph" against the label's "+compile +graph")."""
+    import bench
+    tag = "fp8 level 2 +compile +graph"
+    assert bench.wanted(tag, "") and bench.wanted(tag, "fp8 level 2 +compile+graph")
+    assert bench.wanted(tag, "bf16,level 2 +compile") and not bench.wanted(tag, "bf16 (level 0),torchao")
+    assert not bench.wanted("fp8 level 2 +graph", "fp8 level 2 +compile +graph")
+
+
 def test_bench_memory_bytes_per_param_cpu():
     import bench
     rows = bench.bench_memory(_memory_args([0, 1, 2, 3]))["rows"]
