@@ -136,6 +136,16 @@ def use_fp8_attention(model: nn.Module) -> nn.Module:
     return model
 
 
+def use_fp8_gelu(model: nn.Module) -> nn.Module:
+    """Swap every tanh-GELU for fp8.FP8SavedGELU: its input is kept for the backward in FP8 (1 byte per element
+    instead of 2); at fp8 levels >= 1 (train.py --fp8_gelu=1)."""
+    for mod in list(model.modules()):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, nn.GELU) and child.approximate == "tanh":
+                setattr(mod, name, fp8.FP8SavedGELU())
+    return model
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()

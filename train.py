@@ -52,6 +52,7 @@ class TrainConfig:
     arch: str = ""  # gpt2 | llama | fog; "" = gpt2
     fp8_level: int = -1  # 0..3; -1 = HIGHEST_LEVEL
     fp8_attention: bool = False  # QK^T and PV (fwd and bwd) in FP8 too (fp8.FP8Attention); levels >= 1
+    fp8_gelu: bool = False  # keep the MLP's GELU input for the backward in FP8 (fp8.FP8SavedGELU); levels >= 1
     n_layer: int = 0  # model size overrides; 0 = the preset's
     n_head: int = 0
     n_embd: int = 0
@@ -99,6 +100,8 @@ class TrainConfig:
             raise ValueError(f"--fp8_level must be 0..3 (or -1 = highest), got {self.fp8_level}")
         if self.fp8_attention and self.fp8_level == 0:
             raise ValueError("--fp8_attention=1 needs FP8 linears: use --fp8_level >= 1 (or --fp8_attention=0)")
+        if self.fp8_gelu and self.fp8_level == 0:
+            raise ValueError("--fp8_gelu=1 needs FP8 linears: use --fp8_level >= 1 (or --fp8_gelu=0)")
         if self.preset and self.preset not in M.PRESETS:
             raise ValueError(f"--preset must be one of {list(M.PRESETS)}, got {self.preset!r}")
         if self.arch and self.arch not in M.ARCHS:
@@ -648,6 +651,8 @@ def build(cfg: TrainConfig, world: int, device: str, ckpt_path: str):
             m.precise_acc = fp8.PRECISE_ACC[cfg.precise_acc]
     if cfg.fp8_attention:
         M.use_fp8_attention(raw)
+    if cfg.fp8_gelu:
+        M.use_fp8_gelu(raw)
     rank = dist.get_rank() if world > 1 else 0
     fc = FP8Comm.needed(raw, cfg.fp8_level, rank, world)
     opt = make_optimizer(raw, cfg, device, owns=fc.owns if fc is not None else None)
