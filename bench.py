@@ -221,12 +221,23 @@ def _torchao_float8(raw):
     return raw
 
 
-def _time_step(preset, B, T, level, compile_, graph, steps, profile=False):
-    """Build exactly what train.py builds, time its training step on fixed random tokens."""
+def step_flags(spec: str) -> dict:
+    """--step_flags "fp8_gelu=1,fp8_attention=1" -> {"fp8_gelu": "1", ...}: train.py flags for the FP8 levels."""
+    pairs = [kv.split("=", 1) for kv in spec.split(",") if kv.strip()]
+    if any(len(p) != 2 or not p[0].strip() for p in pairs):
+        raise ValueError(f"--step_flags: comma list of name=value, got {spec!r}")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def _time_step(preset, B, T, level, compile_, graph, steps, profile=False, extra: str = ""):
+    """Build exactly what train.py builds, time its training step on fixed random tokens. extra: --step_flags,
+    applied at FP8 levels >= 1."""
     import train as TR
     torch.manual_seed(0)
     flags = dict(preset=preset, fp8_level=max(level, 0), batch_size=B, block_size=T, compile=compile_ and level >= 0,
                  cuda_graph=graph, max_steps=10 ** 6, warmup_steps=10)
+    if level >= 1:  # typed and checked as train.py's own flags
+        flags.update(TR.parse_flags([f"--{k}={v}" for k, v in step_flags(extra).items()]))
     cfg = TR.resolve(flags, "cuda")
     torch.cuda.reset_peak_memory_stats()
     raw, model, opt, _, _ = TR.build(cfg, 1, "cuda", "")
@@ -272,11 +283,11 @@ def _time_step(preset, B, T, level, compile_, graph, steps, profile=False):
     return r
 
 
-def _time_step_isolated(preset, B, T, level, compile_, graph, steps, profile=False) -> dict:
+def _time_step_isolated(preset, B, T, level, compile_, graph, steps, profile=False, extra: str = "") -> dict:
     """_time_step in a fresh process: a failed CUDA-graph capture poisons the CUDA context it ran in."""
     import subprocess
     cmd = [sys.executable, __file__, "_step1", "--presets", preset, "--steps", str(steps),
-           "--one", f"{B},{T},{level},{int(compile_)},{int(graph)},{int(profile)}"]
+           "--one", f"{B},{T},{level},{int(compile_)},{int(graph)},{int(profile)}", "--step_flags", extra]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=STEP_TIMEOUT_S)
     except subprocess.TimeoutExpired as e:  # say how far it got (stderr has the warm-up stamps)
@@ -310,7 +321,8 @@ def bench_step(args) -> dict:
         base = None
         for label, level in STEP_VARIANTS:
             modes = {0: ((True, True), (False, True)), TORCHAO: ((True, True), (True, False))}
-            tags = [(f"{label}{' +compile' if c else ''}{' +graph' if g else ''}", c, g)
+            extra = f" +{args.step_flags}" if args.step_flags and level >= 1 else ""
+            tags = [(f"{label}{' +compile' if c else ''}{' +graph' if g else ''}{extra}", c, g)
                     for c, g in modes.get(level, ((False, True), (True, True), (True, False)))]
             tags = [t for t in tags if wanted(t[0], args.variants)]
             if tags and level == TORCHAO and importlib.util.find_spec("torchao") is None:
@@ -318,7 +330,8 @@ def bench_step(args) -> dict:
                 continue
             for tag, compile_, graph in tags:
                 try:
-                    r = _time_step_isolated(preset, B, T, level, compile_, graph, args.steps, args.profile)
+                    r = _time_step_isolated(preset, B, T, level, compile_, graph, args.steps, args.profile,
+                                            args.step_flags)
                 except Exception as e:  # one failing variant must not hide the others
                     print(f"{name:<6} {tag:<26} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
                     torch.cuda.empty_cache()
@@ -336,7 +349,8 @@ def bench_step(args) -> dict:
 
 def _step1(args):
     B, T, level, compile_, graph, profile = (int(v) for v in args.one.split(","))
-    print(json.dumps(_time_step(args.presets[0], B, T, level, bool(compile_), bool(graph), args.steps, bool(profile))))
+    print(json.dumps(_time_step(args.presets[0], B, T, level, bool(compile_), bool(graph), args.steps, bool(profile),
+                                args.step_flags)))
     sys.exit(0)
 
 
@@ -818,6 +832,7 @@ def main(argv=None):
     p.add_argument("--presets", nargs="+", default=["124m"], help=f"for step: {sorted(STEP_SHAPES)}")
     p.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: one step variant
     p.add_argument("--profile", type=int, default=0, help="step: also print the top CUDA kernels per variant")
+    p.add_argument("--step_flags", default="", help='step: train.py flags for the FP8 levels, e.g. "fp8_gelu=1"')
     p.add_argument("--variants", default="", help="step: only variants whose label contains this; comm: a comma list")
     p.add_argument("--sizes", nargs="+", default=["124M", "1.3B"], choices=list(SHAPES), help="optim, memory")
     p.add_argument("--levels", nargs="+", type=int, default=[0, 1, 2, 3], help="memory (level 3: under torchrun)")

@@ -1922,6 +1922,16 @@ def test_bench_step_variant_filter():
     assert not bench.wanted("fp8 level 2 +graph", "fp8 level 2 +compile +graph")
 
 
+def test_bench_step_flags_parse_as_train_flags():
+    """bench.py step --step_flags: name=value pairs, typed and checked by train.py's own parser."""
+    import bench
+    import train as TR
+    got = TR.parse_flags([f"--{k}={v}" for k, v in bench.step_flags("fp8_gelu=1, fp8_attention=0").items()])
+    assert got == {"fp8_gelu": True, "fp8_attention": False} and bench.step_flags("") == {}
+    with pytest.raises(ValueError):
+        bench.step_flags("fp8_gelu")
+
+
 def test_bench_memory_bytes_per_param_cpu():
     import bench
     rows = bench.bench_memory(_memory_args([0, 1, 2, 3]))["rows"]
@@ -2366,6 +2376,17 @@ def test_fp8_saved_gelu_matches_gelu(rms):
     z = torch.zeros(4, 16, requires_grad=True)
     fp8.FP8SavedGELU()(z).backward(torch.ones(4, 16))
     assert torch.equal(z.grad, torch.full((4, 16), 0.5))  # GELU'(0) = 1/2, and 0 is exact in E4M3
+
+
+def test_fp8_saved_gelu_traces_under_torch_compile():
+    """One graph (fullgraph) through the custom cast ops; the same gradients as eager."""
+    torch._dynamo.reset()
+    m = fp8.FP8SavedGELU()
+    x = torch.randn(64, 256)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.compile(m, backend="aot_eager", fullgraph=True)(xa).sum().backward()
+    m(xb).sum().backward()
+    assert torch.equal(xa.grad, xb.grad)
 
 
 def test_fp8_gelu_halves_the_saved_gelu_input():
