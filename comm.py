@@ -370,9 +370,9 @@ class _Plan:
         self.amax = [self.own[i:i + 1] if self.no_amax[i] else amaxes[i].reshape(1).float() for i in range(n)]
         self.scaled_own = torch.tensor(self.no_amax, device=dev)  # own amaxes still need * scale_inv
         self.inv = torch.empty(n, device=dev)  # 1 / shared scale, written by every call (_unpack views it)
-        n8 = sum(_data(g).numel() for g in grads if isinstance(g, FP8Tensor))
-        self.share = torch.tensor([_data(g).numel() / n8 if isinstance(g, FP8Tensor) else 0.0 for g in grads],
-                                  device=dev)  # of the FP8 gradient elements
+        n8 = sum(d.numel() for d, g in zip(self.data, grads) if isinstance(g, FP8Tensor))
+        self.share = torch.tensor([d.numel() / n8 if isinstance(g, FP8Tensor) else 0.0
+                                   for d, g in zip(self.data, grads)], device=dev)  # of the FP8 gradient elements
 
 
 class FP8AllReduce:

@@ -26,15 +26,15 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # compiles one variant instead of 5-13 (the first FP8-attention step spent ~50 s autotuning on an H100):
 # for GPU test runs, which check numerics, not speed. Results differ only in FP32 summation order.
 AUTOTUNE = os.environ.get("NANOFP8_AUTOTUNE", "1") != "0"
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+FP8_DTYPES = (E4M3, E5M2)
+HP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the cast reads
+K_ALIGN = 16  # FP8 tensor-core GEMMs (cuBLAS and TMA) need 16-byte aligned rows of the K-major operands
 
 
 def _tuned(configs: list) -> list:
     """The configs an autotuner competes over: all, or (NANOFP8_AUTOTUNE=0) the first."""
     return configs if AUTOTUNE else configs[:1]
-E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
-FP8_DTYPES = (E4M3, E5M2)
-HP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the cast reads
-K_ALIGN = 16  # FP8 tensor-core GEMMs (cuBLAS and TMA) need 16-byte aligned rows of the K-major operands
 
 
 def use_triton(t: torch.Tensor) -> bool:

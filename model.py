@@ -18,6 +18,7 @@ Usage:  model = GPT(PRESETS["tiny"]()); logits, loss = model(idx, targets)   # i
 """
 import math
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -123,27 +124,32 @@ class CausalSDPA(nn.Module):
                                               is_causal=True)  # (B, nh, T, hs)
 
 
+def _swap_children(model: nn.Module, match: Callable[[nn.Module], bool], make: Callable[[nn.Module], nn.Module]):
+    """Replace every submodule for which match(child) holds by make(child); returns model."""
+    for mod in list(model.modules()):
+        for name, child in list(mod.named_children()):
+            if match(child):
+                setattr(mod, name, make(child))
+    return model
+
+
 def use_fp8_attention(model: nn.Module) -> nn.Module:
     """Swap every CausalSDPA for fp8.FP8Attention: QK^T and PV (and their backward GEMMs) in FP8 (arXiv
     2505.20524); at fp8 levels >= 1 (train.py --fp8_attention=1)."""
     device = next(model.parameters()).device
-    for mod in list(model.modules()):
-        for name, child in list(mod.named_children()):
-            if isinstance(child, CausalSDPA):
-                if child.dropout:
-                    raise ValueError("FP8 attention has no dropout; use dropout=0 or --fp8_attention=0")
-                setattr(mod, name, fp8.FP8Attention(model.config.n_embd, device=device))
-    return model
+
+    def make(child):
+        if child.dropout:
+            raise ValueError("FP8 attention has no dropout; use dropout=0 or --fp8_attention=0")
+        return fp8.FP8Attention(model.config.n_embd, device=device)
+    return _swap_children(model, lambda c: isinstance(c, CausalSDPA), make)
 
 
 def use_fp8_gelu(model: nn.Module) -> nn.Module:
     """Swap every tanh-GELU for fp8.FP8SavedGELU: its input is kept for the backward in FP8 (1 byte per element
     instead of 2); at fp8 levels >= 1 (train.py --fp8_gelu=1)."""
-    for mod in list(model.modules()):
-        for name, child in list(mod.named_children()):
-            if isinstance(child, nn.GELU) and child.approximate == "tanh":
-                setattr(mod, name, fp8.FP8SavedGELU())
-    return model
+    return _swap_children(model, lambda c: isinstance(c, nn.GELU) and c.approximate == "tanh",
+                          lambda c: fp8.FP8SavedGELU())
 
 
 class Attention(nn.Module):

@@ -2343,12 +2343,25 @@ def test_fp8_attention_flag_needs_fp8_level():
 ATTN_TRAIN_LOSS_RTOL = 0.01
 
 
+_LEVEL1_VAL = {}  # data_dir -> val losses of the plain level-1 tiny run (the baseline of the option tests)
+
+
+def trains_like_level1(data_dir, out_dir, rtol: float, **flags) -> dict:
+    """The tiny model at level 1 with flags, 15 steps: it learns, skips nothing, and its val loss ends within
+    rtol of plain level 1's (run once per data_dir); returns the run."""
+    if data_dir not in _LEVEL1_VAL:
+        _LEVEL1_VAL[data_dir] = run(data_dir, out_dir / "l1", fp8_level=1, max_steps=15)["val_losses"]
+    vb = _LEVEL1_VAL[data_dir]
+    r = run(data_dir, out_dir / "opt", fp8_level=1, max_steps=15, **flags)
+    v = r["val_losses"]
+    assert v[15] < v[0] - 1.2 and abs(v[15] - vb[15]) <= rtol * vb[15], (v, vb)
+    assert r["n_skipped"] == 0
+    return r
+
+
 def test_tiny_trains_with_fp8_attention_like_without(data_dir, tmp_path):
-    base = run(data_dir, tmp_path / "l1", fp8_level=1, max_steps=15)
-    r = run(data_dir, tmp_path / "attn", fp8_level=1, fp8_attention=1, max_steps=15)
-    v, vb = r["val_losses"], base["val_losses"]
-    assert v[15] < v[0] - 1.2 and abs(v[15] - vb[15]) <= ATTN_TRAIN_LOSS_RTOL * vb[15], (v, vb)
-    assert r["n_skipped"] == 0 and isinstance(r["model"].transformer.h[0].attn.sdpa, fp8.FP8Attention)
+    r = trains_like_level1(data_dir, tmp_path, ATTN_TRAIN_LOSS_RTOL, fp8_attention=1)
+    assert isinstance(r["model"].transformer.h[0].attn.sdpa, fp8.FP8Attention)
     assert r["model"].transformer.h[0].attn.sdpa.g_meta.primed
 
 
@@ -2414,11 +2427,8 @@ def test_fp8_gelu_halves_the_saved_gelu_input():
 
 
 def test_tiny_trains_with_fp8_gelu_like_without(data_dir, tmp_path):
-    base = run(data_dir, tmp_path / "l1", fp8_level=1, max_steps=15)
-    r = run(data_dir, tmp_path / "gelu", fp8_level=1, fp8_gelu=1, max_steps=15)
-    v, vb = r["val_losses"], base["val_losses"]
-    assert v[15] < v[0] - 1.2 and abs(v[15] - vb[15]) <= FP8_GELU_TRAIN_LOSS_RTOL * vb[15], (v, vb)
-    assert r["n_skipped"] == 0 and isinstance(r["model"].transformer.h[0].mlp.act, fp8.FP8SavedGELU)
+    r = trains_like_level1(data_dir, tmp_path, FP8_GELU_TRAIN_LOSS_RTOL, fp8_gelu=1)
+    assert isinstance(r["model"].transformer.h[0].mlp.act, fp8.FP8SavedGELU)
 
 
 # =============================================================================================
