@@ -230,13 +230,13 @@ def step_flags(spec: str) -> dict:
 
 
 def _time_step(preset, B, T, level, compile_, graph, steps, profile=False, extra: str = ""):
-    """Build exactly what train.py builds, time its training step on fixed random tokens. extra: --step_flags,
-    applied at FP8 levels >= 1."""
+    """Build exactly what train.py builds, time its training step on fixed random tokens. extra: train.py flags
+    ("name=value,..."; bench_step passes --step_flags to the FP8 levels, --bf16_flags to BF16 and torchao)."""
     import train as TR
     torch.manual_seed(0)
     flags = dict(preset=preset, fp8_level=max(level, 0), batch_size=B, block_size=T, compile=compile_ and level >= 0,
                  cuda_graph=graph, max_steps=10 ** 6, warmup_steps=10)
-    if level >= 1:  # typed and checked as train.py's own flags
+    if extra:  # typed and checked as train.py's own flags
         flags.update(TR.parse_flags([f"--{k}={v}" for k, v in step_flags(extra).items()]))
     cfg = TR.resolve(flags, "cuda")
     torch.cuda.reset_peak_memory_stats()
@@ -321,7 +321,8 @@ def bench_step(args) -> dict:
         base = None
         for label, level in STEP_VARIANTS:
             modes = {0: ((True, True), (False, True)), TORCHAO: ((True, True), (True, False))}
-            extra = f" +{args.step_flags}" if args.step_flags and level >= 1 else ""
+            spec = args.step_flags if level >= 1 else args.bf16_flags
+            extra = f" +{spec}" if spec else ""
             tags = [(f"{label}{' +compile' if c else ''}{' +graph' if g else ''}{extra}", c, g)
                     for c, g in modes.get(level, ((False, True), (True, True), (True, False)))]
             tags = [t for t in tags if wanted(t[0], args.variants)]
@@ -330,8 +331,7 @@ def bench_step(args) -> dict:
                 continue
             for tag, compile_, graph in tags:
                 try:
-                    r = _time_step_isolated(preset, B, T, level, compile_, graph, args.steps, args.profile,
-                                            args.step_flags)
+                    r = _time_step_isolated(preset, B, T, level, compile_, graph, args.steps, args.profile, spec)
                 except Exception as e:  # one failing variant must not hide the others
                     print(f"{name:<6} {tag:<26} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
                     torch.cuda.empty_cache()
@@ -833,6 +833,7 @@ def main(argv=None):
     p.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: one step variant
     p.add_argument("--profile", type=int, default=0, help="step: also print the top CUDA kernels per variant")
     p.add_argument("--step_flags", default="", help='step: train.py flags for the FP8 levels, e.g. "fp8_gelu=1"')
+    p.add_argument("--bf16_flags", default="", help='step: train.py flags for BF16 and torchao, e.g. "head_chunk=2048"')
     p.add_argument("--variants", default="", help="step: only variants whose label contains this; comm: a comma list")
     p.add_argument("--sizes", nargs="+", default=["124M", "1.3B"], choices=list(SHAPES), help="optim, memory")
     p.add_argument("--levels", nargs="+", type=int, default=[0, 1, 2, 3], help="memory (level 3: under torchrun)")

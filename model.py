@@ -96,6 +96,59 @@ def make_norm(cfg: GPTConfig) -> nn.Module:
     return nn.LayerNorm(cfg.n_embd) if cfg.arch == "gpt2" else RMSNorm(cfg.n_embd)
 
 
+class _BF16NormFn(torch.autograd.Function):
+    """LayerNorm (bias given) or RMSNorm (bias None) of a float32 input, computed in float32, returned in
+    `out_dtype`; the input is kept for the backward in BF16: 2 bytes per element instead of 4. The pre-norms
+    read the float32 residual stream, so their two saved inputs are 8 of the ~26 bytes per token and channel
+    that a level-2 block keeps; BF16's relative rounding (2^-9) is far below the FP8 gradients' own error."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, out_dtype):
+        xf = x.float()
+        if bias is not None:
+            y, mean, rstd = torch.native_layer_norm(xf, (x.shape[-1],), weight.float(), bias.float(), eps)
+        else:
+            mean, rstd = None, torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+            y = xf * rstd * weight.float()
+        ctx.save_for_backward(x.to(torch.bfloat16), mean, rstd, weight)
+        ctx.has_bias, ctx.in_dtype = bias is not None, x.dtype
+        return y.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x16, mean, rstd, weight = ctx.saved_tensors
+        xf, gy = x16.float(), gy.float()
+        if ctx.has_bias:  # the bias's value plays no part in the backward: a stand-in of its shape
+            w = weight.float()
+            gx, gw, gb = torch.ops.aten.native_layer_norm_backward(gy, xf, (xf.shape[-1],), mean, rstd, w, w,
+                                                                   (True, True, True))
+            gb = gb.to(weight.dtype)
+        else:
+            xhat = xf * rstd
+            g = gy * weight.float()
+            gx = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+            gw, gb = (gy * xhat).reshape(-1, xf.shape[-1]).sum(0), None
+        return gx.to(ctx.in_dtype), gw.to(weight.dtype), gb, None, None
+
+
+class BF16Norm(nn.Module):
+    """A pre-norm (nn.LayerNorm or RMSNorm, same parameters and state-dict names) whose training forward keeps
+    its input for the backward in BF16 and returns the autocast dtype (what the next GEMM reads anyway); see
+    _BF16NormFn. Outside autocast, or without grad, it is the wrapped norm exactly (use_bf16_norms)."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.weight, self.bias, self.eps = norm.weight, getattr(norm, "bias", None), norm.eps
+        self.rms = isinstance(norm, RMSNorm)
+
+    def forward(self, x):
+        if not (torch.is_autocast_enabled(x.device.type) and torch.is_grad_enabled()):
+            if self.rms:
+                return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps)
+            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        return _BF16NormFn.apply(x, self.weight, self.bias, self.eps, torch.get_autocast_dtype(x.device.type))
+
+
 def rope_tables(cfg: GPTConfig):
     """cos, sin tables (T, hs/2) of the rotary embedding, float32."""
     hs = cfg.n_embd // cfg.n_head
@@ -150,6 +203,18 @@ def use_fp8_gelu(model: nn.Module) -> nn.Module:
     instead of 2); at fp8 levels >= 1 (train.py --fp8_gelu=1)."""
     return _swap_children(model, lambda c: isinstance(c, nn.GELU) and c.approximate == "tanh",
                           lambda c: fp8.FP8SavedGELU())
+
+
+def use_bf16_norms(model: nn.Module) -> nn.Module:
+    """Swap every norm that reads the float32 residual stream (the pre-norms and ln_f; not fog's post-norms,
+    which read BF16 branch outputs and write the stream) for BF16Norm (train.py --bf16_norms=1)."""
+    for mod in list(model.modules()):
+        if isinstance(mod, FogBlock):
+            continue
+        for name, child in list(mod.named_children()):
+            if isinstance(child, (nn.LayerNorm, RMSNorm)):
+                setattr(mod, name, BF16Norm(child))
+    return model
 
 
 class Attention(nn.Module):
@@ -277,6 +342,41 @@ class FogBlock(nn.Module):
         return x + self.norm_mlp(self.mlp(x))
 
 
+class _ChunkedHeadLossFn(torch.autograd.Function):
+    """Mean cross-entropy of the logits x @ w^T (targets of -100 ignored, as F.cross_entropy) that never holds
+    the (M, V) logits: `chunk` rows at a time, the loss and both gradients are computed in the forward (the
+    loss is a scalar: its backward only scales them). Peak extra memory: one chunk's float32 logits. The
+    plain head keeps the BF16 logits, their float32 copy and the float32 log-softmax alive at once, ~10 bytes
+    per logit (8 GB for a (16384, 50304) batch). Each chunk is what the plain head computes: BF16 logits
+    under autocast, float32 softmax, BF16 logit gradient, BF16 GEMMs."""
+
+    @staticmethod
+    def forward(ctx, x, w, targets, chunk):
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        xc, wc = x.to(dt), w.to(dt)  # (M, C), (V, C)
+        valid = targets != -100
+        n = valid.sum().clamp_min(1).float()
+        gx, gw = torch.empty_like(xc), torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        for s in range(0, x.shape[0], chunk):
+            logits = (xc[s:s + chunk] @ wc.t()).float()  # (m, V)
+            t, ok = targets[s:s + chunk].clamp_min(0).unsqueeze(1), valid[s:s + chunk].unsqueeze(1)
+            lse = torch.logsumexp(logits, dim=1, keepdim=True)  # (m, 1)
+            loss += ((lse - logits.gather(1, t)) * ok).sum()
+            p = torch.exp(logits - lse).scatter_add_(1, t, torch.full_like(lse, -1.0))  # softmax - one-hot
+            g = (p * (ok / n)).to(dt)  # d loss / d logits
+            gx[s:s + chunk] = g @ wc
+            gw += (g.t() @ xc[s:s + chunk]).float()
+        ctx.save_for_backward(gx, gw)
+        ctx.x_dtype, ctx.w_dtype = x.dtype, w.dtype
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        gx, gw = ctx.saved_tensors
+        return (gx * grad_loss).to(ctx.x_dtype), (gw * grad_loss).to(ctx.w_dtype), None, None
+
+
 # ----------------------------------------------------------------------------------------------
 # the model
 
@@ -301,6 +401,7 @@ class GPT(nn.Module):
         # under the first branches. A multiplier, not a std-1 init: Adam's steps (~lr) keep their size
         # relative to the weights, so the embedding learns at the pace of llama's.
         self.emb_scale = 1.0 / INIT_STD if cfg.arch == "fog" else 1.0
+        self.head_chunk = 0  # > 0: the training loss in chunks of this many rows (train.py --head_chunk)
         self.apply(self._init_weights)
         # GPT-2 init: residual projections scaled by 1/sqrt(2 * n_layer), two residual adds per block; not
         # fog, whose post-norm divides the scale out (smaller weights would only inflate their gradients)
@@ -349,6 +450,10 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)
+        if self.head_chunk and torch.is_grad_enabled():  # training: no (B, T, V) logits (chunked loss)
+            B, T, C = x.shape
+            return None, _ChunkedHeadLossFn.apply(x.reshape(B * T, C), self.lm_head.weight, targets.reshape(-1),
+                                                  self.head_chunk)
         logits = self.lm_head(x)  # (B, T, V)
         # loss in float32: a BF16 log-softmax over 50k classes loses the small probabilities
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))

@@ -53,6 +53,8 @@ class TrainConfig:
     fp8_level: int = -1  # 0..3; -1 = HIGHEST_LEVEL
     fp8_attention: bool = False  # QK^T and PV (fwd and bwd) in FP8 too (fp8.FP8Attention); levels >= 1
     fp8_gelu: bool = False  # keep the MLP's GELU input for the backward in FP8 (fp8.FP8SavedGELU); levels >= 1
+    bf16_norms: bool = False  # norms reading the float32 residual stream keep it for the backward in BF16 (model.BF16Norm)
+    head_chunk: int = 0  # > 0: training loss in chunks of this many rows, no (B, T, V) logits kept (model.GPT.head)
     n_layer: int = 0  # model size overrides; 0 = the preset's
     n_head: int = 0
     n_embd: int = 0
@@ -102,6 +104,8 @@ class TrainConfig:
             raise ValueError("--fp8_attention=1 needs FP8 linears: use --fp8_level >= 1 (or --fp8_attention=0)")
         if self.fp8_gelu and self.fp8_level == 0:
             raise ValueError("--fp8_gelu=1 needs FP8 linears: use --fp8_level >= 1 (or --fp8_gelu=0)")
+        if self.head_chunk < 0:
+            raise ValueError(f"--head_chunk must be >= 0 (0 = the plain loss), got {self.head_chunk}")
         if self.preset and self.preset not in M.PRESETS:
             raise ValueError(f"--preset must be one of {list(M.PRESETS)}, got {self.preset!r}")
         if self.arch and self.arch not in M.ARCHS:
@@ -653,6 +657,9 @@ def build(cfg: TrainConfig, world: int, device: str, ckpt_path: str):
         M.use_fp8_attention(raw)
     if cfg.fp8_gelu:
         M.use_fp8_gelu(raw)
+    if cfg.bf16_norms:
+        M.use_bf16_norms(raw)
+    raw.head_chunk = cfg.head_chunk
     rank = dist.get_rank() if world > 1 else 0
     fc = FP8Comm.needed(raw, cfg.fp8_level, rank, world)
     opt = make_optimizer(raw, cfg, device, owns=fc.owns if fc is not None else None)
