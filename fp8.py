@@ -300,23 +300,31 @@ class _FP8LinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        x_t, x_si, w_t, w_si, g_scale, g_si, g_amax, g_stats, grad_fp8, grad_si, grad_amax = ctx.saved_tensors
-        N = grad_output.shape[-1]
-        g2 = grad_output.reshape(-1, N)  # (M, N)
-        if g2.dtype not in kernels.HP_DTYPES:
-            g2 = g2.float()
-        if ctx.g_meta is not None:
-            ctx.g_meta.prime(g2)
-        grad_b = torch.empty(N, device=g2.device) if ctx.has_bias else None  # bias grad from the same read of g
-        g_fp8, g_fp8_t = cast(g2, E5M2, g_scale, g_amax, g_stats, transpose=ctx.need_wgrad, pad_t=PAD_TOKENS,
-                              colsum_out=grad_b)
-        if not ctx.w_is_t:  # a transient transpose: 2 bytes per weight element moved, no memory kept
-            w_t = w_t.view(torch.uint8).t().contiguous().view(w_t.dtype)
-        grad_x = gemm(g_fp8, w_t, g_si, w_si, grad_output.dtype, precise=ctx.precise[1])  # (M, N) x (K, N)^T -> (M, K)
-        if ctx.need_wgrad:
-            accumulate_fp8_grad(grad_fp8, grad_si, grad_amax, g_fp8_t, g_si, x_t, x_si, ctx.precise[2])  # (N, K)
-        grad_b = grad_b.to(ctx.bias_dtype) if ctx.has_bias else None
+        x_t, x_si, w_t, w_si, *g_and_bufs = ctx.saved_tensors
+        grad_x, grad_b = _linear_backward(ctx, grad_output, lambda: x_t, x_si, w_t, w_si, g_and_bufs)
         return grad_x.view(ctx.x_shape), None, grad_b, None, None, None, None, None, None
+
+
+def _linear_backward(ctx, grad_output, x_t_fn, x_si, w_t, w_si, g_and_bufs):
+    """The FP8 linear's dgrad and wgrad (shared by _FP8LinearFn and _FP8GELULinearFn): grad_output (..., N) ->
+    (grad_x (M, K), grad_bias or None); the weight gradient accumulates into the FP8 buffers. x_t_fn() gives
+    the (K, Mp) FP8 input the wgrad reads (saved, or recomputed)."""
+    g_scale, g_si, g_amax, g_stats, grad_fp8, grad_si, grad_amax = g_and_bufs
+    N = grad_output.shape[-1]
+    g2 = grad_output.reshape(-1, N)  # (M, N)
+    if g2.dtype not in kernels.HP_DTYPES:
+        g2 = g2.float()
+    if ctx.g_meta is not None:
+        ctx.g_meta.prime(g2)
+    grad_b = torch.empty(N, device=g2.device) if ctx.has_bias else None  # bias grad from the same read of g
+    g_fp8, g_fp8_t = cast(g2, E5M2, g_scale, g_amax, g_stats, transpose=ctx.need_wgrad, pad_t=PAD_TOKENS,
+                          colsum_out=grad_b)
+    if not ctx.w_is_t:  # a transient transpose: 2 bytes per weight element moved, no memory kept
+        w_t = w_t.view(torch.uint8).t().contiguous().view(w_t.dtype)
+    grad_x = gemm(g_fp8, w_t, g_si, w_si, grad_output.dtype, precise=ctx.precise[1])  # (M, N) x (K, N)^T -> (M, K)
+    if ctx.need_wgrad:
+        accumulate_fp8_grad(grad_fp8, grad_si, grad_amax, g_fp8_t, g_si, x_t_fn(), x_si, ctx.precise[2])  # (N, K)
+    return grad_x, (grad_b.to(ctx.bias_dtype) if ctx.has_bias else None)
 
 
 class FP8Linear(nn.Linear):
@@ -351,6 +359,9 @@ class FP8Linear(nn.Linear):
         # "wgrad": without it the 124M model's train loss fell 7% behind BF16 on the H100 (README, issue 9)
         self.precise_acc = PRECISE_ACC[DEFAULT_PRECISE_ACC]
         self.weight._fp8_owner = self  # fp8_grad(p) finds the buffers through this
+        # True: the input is the MLP's pre-activation h, this layer applies tanh-GELU first and keeps only h (in
+        # FP8) for the backward (_FP8GELULinearFn; model.use_fp8_gelu(recompute=True), --fp8_gelu=2)
+        self.gelu_in = False
 
     def fp8_weight(self):
         """(w_fp8 (N, K), w_fp8_t (K, N), scale_inv). Kept by the optimizer (FP8AdamW): as it wrote them.
@@ -387,12 +398,14 @@ class FP8Linear(nn.Linear):
 
     def forward(self, x):
         if not self.x_meta.primed:
-            self.x_meta.prime(x)
+            with torch.no_grad():
+                self.x_meta.prime(torch.nn.functional.gelu(x, approximate="tanh") if self.gelu_in else x)
         m, g = self.x_meta, self.g_meta
         record = self.training  # eval forwards must not steer the training scales
         # under torch.compile a model that was never run eagerly starts from scale 1 (as TE does)
         prime_g = not g.primed and not torch.compiler.is_compiling() and torch.is_grad_enabled()
-        return _FP8LinearFn.apply(
+        fn = _FP8GELULinearFn if self.gelu_in else _FP8LinearFn
+        return fn.apply(
             x, self.weight, self.bias, g if prime_g else None,
             m.cast_args(record), g.cast_args(),
             (self.weight_grad_fp8, self.weight_grad_scale_inv, self.weight_grad_amax),
@@ -626,6 +639,43 @@ class _FP8SavedGELUFn(torch.autograd.Function):
         x8, si = ctx.saved_tensors
         x = (x8.float() * si).view(ctx.shape).to(grad_output.dtype)  # the input, rounded to E4M3
         return torch.ops.aten.gelu_backward(grad_output, x, approximate="tanh")
+
+
+class _FP8GELULinearFn(torch.autograd.Function):
+    """proj(tanh-GELU(h)) for an FP8Linear proj that keeps for the backward only h, as E4M3 with a just-in-time
+    scale (as _FP8SavedGELUFn). The FP8 copy of GELU(h) that proj's wgrad reads, which the plain path keeps
+    from the forward, is recomputed from it in the backward: one more elementwise pass over the (M, 4C) hidden
+    activations, 1 byte per hidden element kept instead of 2 (--fp8_gelu=1) or 3 (BF16 GELU input + FP8
+    copy). The wgrad then reads FP8(GELU(FP8(h))), with the forward's delayed scale."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, g_meta, x_meta_t, g_meta_t, grad_bufs, w_fp8_t3, precise):
+        x_scale, x_si, x_amax, x_stats = x_meta_t
+        w_fp8, w_fp8_t, w_si = w_fp8_t3
+        h2 = h.detach().reshape(-1, h.shape[-1])  # (M, K): the c_fc output, contiguous
+        h8, h_si = torch.empty(h2.shape, dtype=E4M3, device=h.device), torch.empty(1, device=h.device)
+        cast_jit(h2, amax_into(h2, torch.zeros(1, device=h.device)), h8, h_si)
+        a_fp8, _ = cast(torch.nn.functional.gelu(h2, approximate="tanh"), E4M3, x_scale, x_amax, x_stats)
+        out_dtype = torch.get_autocast_dtype("cuda" if h.is_cuda else "cpu") \
+            if torch.is_autocast_enabled(h.device.type) else h.dtype
+        out = gemm(a_fp8, w_fp8, x_si, w_si, out_dtype, bias, precise=precise[0])  # (M, N)
+        ctx.precise, ctx.w_is_t, ctx.g_meta = precise, w_fp8_t is not None, g_meta
+        ctx.save_for_backward(h8, h_si, x_scale, x_si, w_fp8_t if ctx.w_is_t else w_fp8, w_si, *g_meta_t, *grad_bufs)
+        ctx.x_shape, ctx.x_dtype, ctx.has_bias, ctx.need_wgrad = h.shape, h.dtype, bias is not None, weight.requires_grad
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return out.view(*h.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        h8, h_si, x_scale, x_si, w_t, w_si, *g_and_bufs = ctx.saved_tensors
+        h = (h8.float() * h_si).to(ctx.x_dtype)  # (M, K): h rounded to E4M3
+
+        def recomputed_x_t():  # FP8(GELU(h))^T with the forward's scale; records nothing (amax, stats)
+            a = torch.nn.functional.gelu(h, approximate="tanh")
+            return cast(a, E4M3, x_scale, None, None, transpose=True, pad_t=PAD_TOKENS)[1]
+        grad_a, grad_b = _linear_backward(ctx, grad_output, recomputed_x_t, x_si, w_t, w_si, g_and_bufs)
+        grad_h = torch.ops.aten.gelu_backward(grad_a, h.to(grad_a.dtype), approximate="tanh")
+        return grad_h.view(ctx.x_shape), None, grad_b, None, None, None, None, None, None
 
 
 class FP8SavedGELU(nn.Module):

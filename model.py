@@ -198,11 +198,19 @@ def use_fp8_attention(model: nn.Module) -> nn.Module:
     return _swap_children(model, lambda c: isinstance(c, CausalSDPA), make)
 
 
-def use_fp8_gelu(model: nn.Module) -> nn.Module:
+def use_fp8_gelu(model: nn.Module, recompute: bool = False) -> nn.Module:
     """Swap every tanh-GELU for fp8.FP8SavedGELU: its input is kept for the backward in FP8 (1 byte per element
-    instead of 2); at fp8 levels >= 1 (train.py --fp8_gelu=1)."""
-    return _swap_children(model, lambda c: isinstance(c, nn.GELU) and c.approximate == "tanh",
-                          lambda c: fp8.FP8SavedGELU())
+    instead of 2); at fp8 levels >= 1 (train.py --fp8_gelu=1). recompute (--fp8_gelu=2): instead, each MLP's
+    FP8 c_proj applies the GELU itself (fp8.FP8Linear.gelu_in) and keeps only the FP8 GELU input, recomputing
+    the FP8 GELU output its wgrad needs in the backward: 1 byte per hidden element instead of 2."""
+    if not recompute:
+        return _swap_children(model, lambda c: isinstance(c, nn.GELU) and c.approximate == "tanh",
+                              lambda c: fp8.FP8SavedGELU())
+    for mod in model.modules():
+        if isinstance(mod, MLP) and isinstance(mod.act, nn.GELU) and mod.act.approximate == "tanh" \
+                and isinstance(mod.c_proj, fp8.FP8Linear):
+            mod.act, mod.c_proj.gelu_in = nn.Identity(), True
+    return model
 
 
 def use_bf16_norms(model: nn.Module) -> nn.Module:
