@@ -371,8 +371,8 @@ class _ChunkedHeadLossFn(torch.autograd.Function):
             t, ok = targets[s:s + chunk].clamp_min(0).unsqueeze(1), valid[s:s + chunk].unsqueeze(1)
             lse = torch.logsumexp(logits, dim=1, keepdim=True)  # (m, 1)
             loss += ((lse - logits.gather(1, t)) * ok).sum()
-            p = torch.exp(logits - lse).scatter_add_(1, t, torch.full_like(lse, -1.0))  # softmax - one-hot
-            g = (p * (ok / n)).to(dt)  # d loss / d logits
+            p = logits.sub_(lse).exp_().scatter_add_(1, t, torch.full_like(lse, -1.0))  # softmax - one-hot, in place
+            g = p.mul_(ok / n).to(dt)  # d loss / d logits
             gx[s:s + chunk] = g @ wc
             gw += (g.t() @ xc[s:s + chunk]).float()
         ctx.save_for_backward(gx, gw)
