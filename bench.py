@@ -6,6 +6,7 @@ bench.py: speed of the nanoFP8 pieces against BF16 and peers, side by side in on
   python bench.py linear    FP8Linear fwd+bwd (3 FP8 GEMMs, casts, FP8 weight grad) vs BF16 nn.Linear
   python bench.py step --presets 124m 1.3b   train.py's whole training step per level vs BF16 (compiled)
   python bench.py optim memory               FP8AdamW step vs torch AdamW(fused); bytes/param per level
+  python bench.py saved --presets 1.3b --step_flags fp8_gelu=2   activation bytes kept for the backward, by shape
   python bench.py attn      FP8 causal attention fwd and fwd+bwd vs BF16 SDPA (flash), T 1024..8192, hs 64/128
   torchrun --standalone --nproc_per_node=2 bench.py comm   FP8 all-reduce vs NCCL BF16/FP32
 
@@ -205,7 +206,7 @@ def bench_linear(args) -> dict:
     return {"rows": rows}
 
 
-STEP_SHAPES = {"124m": ("gpt2-124m", 16, 1024), "350m": ("gpt2-350m", 16, 1024), "1.3b": ("gpt-1.3b", 8, 2048)}
+STEP_SHAPES = {"tiny": ("tiny", 4, 64), "124m": ("gpt2-124m", 16, 1024), "350m": ("gpt2-350m", 16, 1024), "1.3b": ("gpt-1.3b", 8, 2048)}
 STEP_VARIANTS = [("bf16 (level 0)", 0), ("fp8 level 1", 1), ("fp8 level 2", 2), ("torchao fp8 tensorwise", -1)]
 
 
@@ -344,6 +345,57 @@ def bench_step(args) -> dict:
     if not out:
         print(f"no variant ran (--variants {args.variants!r}; labels: {', '.join(l for l, _ in STEP_VARIANTS)}, "
               f"each with +compile and/or +graph)")
+    return out
+
+
+def saved_breakdown(model, idx, device: str, top: int = 8) -> dict:
+    """Bytes one training forward of model keeps for its backward (torch.autograd.graph.saved_tensors_hooks, each
+    storage counted once, state left out), grouped by (shape, dtype): where activation memory goes."""
+    seen = {}
+
+    def pack(t):
+        seen.setdefault(t.untyped_storage().data_ptr(), (t.untyped_storage().nbytes(),
+                                                         f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(device, dtype=torch.bfloat16):
+        model(idx, idx)[1].backward()
+    # state, not activations: parameters, buffers and the FP8 weights' transposed copies (cached by this forward)
+    kept = [*model.parameters(), *model.buffers()]
+    kept += [m._weight_fp8_t for m in model.modules() if getattr(m, "_weight_fp8_t", None) is not None]
+    for t in kept:
+        seen.pop(t.untyped_storage().data_ptr(), None)
+    groups = {}
+    for nbytes, key in seen.values():
+        n, b = groups.get(key, (0, 0))
+        groups[key] = (n + 1, b + nbytes)
+    biggest = sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"saved_bytes": sum(b for b, _ in seen.values()), "top": [[k, n, b] for k, (n, b) in biggest]}
+
+
+def bench_saved(args) -> dict:
+    """Activation memory per level and flags (--step_flags for levels >= 1, --bf16_flags for level 0): bytes
+    saved for the backward by one forward of train.py's model, eager, on --device (the CPU works)."""
+    import train as TR
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
+        ("cpu" if args.device == "auto" else args.device)
+    out = {}
+    for name in args.presets:
+        preset, B, T = STEP_SHAPES[name]
+        for level in [lv for lv in args.levels if lv in (0, 1, 2)]:
+            spec = args.step_flags if level >= 1 else args.bf16_flags
+            flags = dict(preset=preset, fp8_level=level, batch_size=B, block_size=T, compile=False)
+            flags.update(TR.parse_flags([f"--{k}={v}" for k, v in step_flags(spec).items()]))
+            torch.manual_seed(0)
+            raw = TR.build(TR.resolve(flags, device), 1, device, "")[0]
+            idx = torch.randint(0, raw.config.vocab_size, (B, T), device=device)
+            r = saved_breakdown(raw, idx, device)
+            per = r["saved_bytes"] / (B * T * raw.config.n_embd * raw.config.n_layer)
+            tag = f"{name}/level {level}{' +' + spec if spec else ''}"
+            out[tag] = dict(r, bytes_per_token_channel_layer=per)
+            print(f"{tag}: saved {r['saved_bytes'] / 1e9:.3f} GB ({per:.1f} bytes per token, channel and layer)")
+            for key, n, b in r["top"]:
+                print(f"    {key:<36} x{n:<4} {b / 1e9:8.3f} GB")
+            del raw
     return out
 
 
@@ -822,7 +874,7 @@ def bench_attn(args) -> dict:
 
 
 SUBCOMMANDS = {"gemm": bench_gemm, "cast": bench_cast, "linear": bench_linear, "step": bench_step, "_step1": _step1,
-               "optim": bench_optim, "memory": bench_memory, "comm": bench_comm, "attn": bench_attn}
+               "saved": bench_saved, "optim": bench_optim, "memory": bench_memory, "comm": bench_comm, "attn": bench_attn}
 
 
 def main(argv=None):
@@ -836,7 +888,8 @@ def main(argv=None):
     p.add_argument("--bf16_flags", default="", help='step: train.py flags for BF16 and torchao, e.g. "head_chunk=2048"')
     p.add_argument("--variants", default="", help="step: only variants whose label contains this; comm: a comma list")
     p.add_argument("--sizes", nargs="+", default=["124M", "1.3B"], choices=list(SHAPES), help="optim, memory")
-    p.add_argument("--levels", nargs="+", type=int, default=[0, 1, 2, 3], help="memory (level 3: under torchrun)")
+    p.add_argument("--levels", nargs="+", type=int, default=[0, 1, 2, 3],
+                   help="memory (level 3: under torchrun), saved (levels 0-2)")
     p.add_argument("--blocks", nargs="+", type=int, default=[1024, 2048], help="optim: fused-kernel block sizes")
     p.add_argument("--warps", nargs="+", type=int, default=[4, 8], help="optim: fused-kernel warps per program")
     p.add_argument("--maxnreg", nargs="+", type=int, default=[0],
@@ -847,7 +900,7 @@ def main(argv=None):
     p.add_argument("--bucket_mb", default=str(comm.BUCKET_BYTES >> 20), help="comm: FP8 bucket sizes to sweep (MiB)")
     p.add_argument("--reps", type=int, default=50, help="comm")
     p.add_argument("--warmup", type=int, default=5, help="comm")
-    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="comm, memory")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="comm, memory, saved")
     p.add_argument("--steps", type=int, default=30, help="timed steps per variant (step)")
     args = p.parse_args(argv)
     if args.what == ["comm"]:  # under torchrun: every rank runs it, rank 0 prints
@@ -856,7 +909,7 @@ def main(argv=None):
         return bench_comm(args)
     if args.what == ["memory"] and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: every rank
         return bench_memory(args)
-    if not torch.cuda.is_available() and not (args.what == ["memory"] and args.device == "cpu"):
+    if not torch.cuda.is_available() and not (args.what in (["memory"], ["saved"]) and args.device == "cpu"):
         sys.exit("bench.py measures GPU speed: no CUDA device found")
     if args.what == ["_step1"]:
         _step1(args)

@@ -2685,6 +2685,31 @@ def test_tiny_trains_with_lean_memory_flags_like_without(data_dir, tmp_path):
     assert r["model"].head_chunk == 96
 
 
+def test_bench_saved_breakdown_cpu():
+    """bench.saved_breakdown (bench.py saved) on the CPU, B=4, T=32, C=64, 4C=256, V=320: plain BF16 keeps each
+    block's BF16 GELU input (4, 32, 256) and the float32 (128, 320) log-softmax; level 1 with the memory levers
+    (FP8 GELU recompute, BF16 norms, chunked loss) keeps neither, and fewer bytes in all; groups come largest
+    first; FP8 weight copies (state, not activations) are left out."""
+    import bench
+
+    def breakdown(lean: bool) -> dict:
+        torch.manual_seed(0)
+        model = M.GPT(M.GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=320))
+        if lean:
+            model = M.use_bf16_norms(M.use_fp8_gelu(fp8.convert_to_fp8(model, 1), recompute=True))
+            model.head_chunk = 48
+        return bench.saved_breakdown(model, torch.randint(0, 320, (4, 32)), "cpu", top=50)
+    plain, lean = breakdown(False), breakdown(True)
+    keys = {k for k, _, _ in plain["top"]}
+    assert "(4, 32, 256) bfloat16" in keys and "(128, 320) float32" in keys
+    assert not any(k.startswith("(4, 32, 256)") or k == "(128, 320) float32" for k, _, _ in lean["top"])
+    assert not any(k in ("(256, 64) float8_e4m3fn", "(64, 256) float8_e4m3fn") and n == 2 for k, n, _ in lean["top"])
+    assert lean["saved_bytes"] < plain["saved_bytes"]
+    for r in (plain, lean):
+        sizes = [b for _, _, b in r["top"]]
+        assert sizes == sorted(sizes, reverse=True) and sum(sizes) == r["saved_bytes"]
+
+
 def test_no_kept_weight_transpose_trains_identically(data_dir, tmp_path):
     """--keep_weight_t=0 at level 2: no (K, N) FP8 weight copy is kept (dgrad transposes the (N, K) one, same
     bytes), and the run is bit-identical to the default's."""
