@@ -211,6 +211,7 @@ STEP_VARIANTS = [("bf16 (level 0)", 0), ("fp8 level 1", 1), ("fp8 level 2", 2), 
 
 
 STEP_TIMEOUT_S = int(os.environ.get("NANOFP8_STEP_TIMEOUT", 900))  # one variant's process (compile included)
+PROFILE_ROWS = int(os.environ.get("NANOFP8_PROFILE_ROWS", 14))  # kernels listed by step --profile
 TORCHAO = -1  # the "level" of the peer variant: train.py's BF16 model with torchao's float8 linears
 
 
@@ -242,8 +243,9 @@ def _time_step(preset, B, T, level, compile_, graph, steps, profile=False, extra
     cfg = TR.resolve(flags, "cuda")
     torch.cuda.reset_peak_memory_stats()
     raw, model, opt, _, _ = TR.build(cfg, 1, "cuda", "")
-    if level == TORCHAO:  # the peer: same model and optimizer, its float8 linears, then compiled
-        model = torch.compile(_torchao_float8(raw)) if compile_ else _torchao_float8(raw)
+    if level == TORCHAO:  # the peer: same model and optimizer, its float8 linears, then compiled (as BF16 would be)
+        model = _torchao_float8(raw)
+        model = TR.compile_model(model, raw, cfg.compile_blocks) if compile_ else model
     params = [p for p in raw.parameters() if p.requires_grad]
     xs = torch.randint(0, raw.config.vocab_size, (1, B, T), device="cuda")
     ys = torch.randint(0, raw.config.vocab_size, (1, B, T), device="cuda")
@@ -276,7 +278,7 @@ def _time_step(preset, B, T, level, compile_, graph, steps, profile=False, extra
             for i in range(3):
                 step(100 + i)
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=PROFILE_ROWS, max_name_column_width=70))
     r = {"ms": ms, "tok_s": B * T / ms * 1e3, "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
          "loss": loss.item(), "mfu": raw.flops_per_token(T) * B * T / (ms / 1e3) / TR.peak_flops("cuda", max(level, 0))}
     del raw, model, opt, params, stepper

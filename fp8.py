@@ -264,6 +264,19 @@ def cast_weight(w: torch.Tensor, w_fp8: torch.Tensor, w_si: torch.Tensor, w_amax
 
 
 @torch.no_grad()
+def quantize_jit(x2: torch.Tensor) -> tuple:
+    """(M, K) high-precision rows -> (E4M3 copy, its scale_inv (1,)), scaled by their own amax (two passes): the
+    saved-activation format of --fp8_gelu (1 byte per element; dequantize gives back the rounded values)."""
+    x8, si = torch.empty(x2.shape, dtype=E4M3, device=x2.device), torch.empty(1, device=x2.device)
+    cast_jit(x2, amax_into(x2, torch.zeros(1, device=x2.device)), x8, si)
+    return x8, si
+
+
+def dequantize(x8: torch.Tensor, si: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x8 * scale_inv in dtype: exact in BF16 for E4M3 (4 significant bits times a power of two)."""
+    return x8.to(dtype) * si.to(dtype)
+
+
 def accumulate_fp8_grad(grad_fp8, grad_scale_inv, grad_amax, g_t, g_si, x_t, x_si, precise=False):
     """grad (N, K) += g_t (N, Mp) @ x_t (K, Mp)^T, kept as FP8 E4M3 + scale. The GEMM epilogue adds
     the running FP8 sum and takes the amax of the result; a just-in-time cast re-quantizes it."""
@@ -285,17 +298,10 @@ class _FP8LinearFn(torch.autograd.Function):
         x2 = x.reshape(-1, K)  # (M, K)
         need_wgrad = weight.requires_grad
         x_fp8, x_fp8_t = cast(x2, E4M3, x_scale, x_amax, x_stats, transpose=need_wgrad, pad_t=PAD_TOKENS)
-        out_dtype = torch.get_autocast_dtype("cuda" if x.is_cuda else "cpu") \
-            if torch.is_autocast_enabled(x.device.type) else x.dtype
-        out = gemm(x_fp8, w_fp8, x_si, w_si, out_dtype, bias, precise=precise[0])  # (M, N)
-        ctx.precise = precise
+        out = gemm(x_fp8, w_fp8, x_si, w_si, _out_dtype(x), bias, precise=precise[0])  # (M, N)
+        _linear_ctx(ctx, x, weight, bias, g_meta, w_fp8_t, precise)
         # FP8 copies are what backward needs: 1 byte per element instead of BF16's 2
-        # w_fp8_t None: the layer keeps no (K, N) copy (keep_weight_t False); backward transposes w_fp8
-        ctx.w_is_t = w_fp8_t is not None
         ctx.save_for_backward(x_fp8_t, x_si, w_fp8_t if ctx.w_is_t else w_fp8, w_si, *g_meta_t, *grad_bufs)
-        ctx.g_meta = g_meta  # not None: prime it on this backward (eager first step only)
-        ctx.x_shape, ctx.has_bias, ctx.need_wgrad, ctx.M = x.shape, bias is not None, need_wgrad, x2.shape[0]
-        ctx.bias_dtype = bias.dtype if bias is not None else None
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -303,6 +309,19 @@ class _FP8LinearFn(torch.autograd.Function):
         x_t, x_si, w_t, w_si, *g_and_bufs = ctx.saved_tensors
         grad_x, grad_b = _linear_backward(ctx, grad_output, lambda: x_t, x_si, w_t, w_si, g_and_bufs)
         return grad_x.view(ctx.x_shape), None, grad_b, None, None, None, None, None, None
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    """The linear's output dtype: autocast's when it is on (as nn.Linear under autocast), else x's."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def _linear_ctx(ctx, x, weight, bias, g_meta, w_fp8_t, precise) -> None:
+    """What _linear_backward reads from ctx besides the saved tensors (both FP8 linear forwards set it)."""
+    ctx.precise, ctx.g_meta = precise, g_meta  # g_meta not None: prime it on this backward (eager first step only)
+    ctx.w_is_t = w_fp8_t is not None  # None: the layer keeps no (K, N) copy (keep_weight_t False); dgrad transposes
+    ctx.x_shape, ctx.has_bias, ctx.need_wgrad = x.shape, bias is not None, weight.requires_grad
+    ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
 def _linear_backward(ctx, grad_output, x_t_fn, x_si, w_t, w_si, g_and_bufs):
@@ -626,11 +645,7 @@ class _FP8SavedGELUFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        x2 = x.detach().reshape(-1, x.shape[-1])  # (M, 4C) rows: the c_fc output, contiguous
-        amax = amax_into(x2, torch.zeros(1, device=x.device))
-        x8, si = torch.empty(x2.shape, dtype=E4M3, device=x.device), torch.empty(1, device=x.device)
-        cast_jit(x2, amax, x8, si)
-        ctx.save_for_backward(x8, si)
+        ctx.save_for_backward(*quantize_jit(x.detach().reshape(-1, x.shape[-1])))  # (M, 4C): the c_fc output
         ctx.shape = x.shape
         return torch.nn.functional.gelu(x, approximate="tanh")
 
@@ -638,7 +653,7 @@ class _FP8SavedGELUFn(torch.autograd.Function):
     def backward(ctx, grad_output):
         x8, si = ctx.saved_tensors
         # the input, rounded to E4M3: exact in BF16 too (4 significant bits, power-of-two scale), one pass fewer
-        x = (x8.to(grad_output.dtype) * si.to(grad_output.dtype)).view(ctx.shape)
+        x = dequantize(x8, si, grad_output.dtype).view(ctx.shape)
         return torch.ops.aten.gelu_backward(grad_output, x, approximate="tanh")
 
 
@@ -654,22 +669,18 @@ class _FP8GELULinearFn(torch.autograd.Function):
         x_scale, x_si, x_amax, x_stats = x_meta_t
         w_fp8, w_fp8_t, w_si = w_fp8_t3
         h2 = h.detach().reshape(-1, h.shape[-1])  # (M, K): the c_fc output, contiguous
-        h8, h_si = torch.empty(h2.shape, dtype=E4M3, device=h.device), torch.empty(1, device=h.device)
-        cast_jit(h2, amax_into(h2, torch.zeros(1, device=h.device)), h8, h_si)
+        h8, h_si = quantize_jit(h2)
         a_fp8, _ = cast(torch.nn.functional.gelu(h2, approximate="tanh"), E4M3, x_scale, x_amax, x_stats)
-        out_dtype = torch.get_autocast_dtype("cuda" if h.is_cuda else "cpu") \
-            if torch.is_autocast_enabled(h.device.type) else h.dtype
-        out = gemm(a_fp8, w_fp8, x_si, w_si, out_dtype, bias, precise=precise[0])  # (M, N)
-        ctx.precise, ctx.w_is_t, ctx.g_meta = precise, w_fp8_t is not None, g_meta
+        out = gemm(a_fp8, w_fp8, x_si, w_si, _out_dtype(h), bias, precise=precise[0])  # (M, N)
+        _linear_ctx(ctx, h, weight, bias, g_meta, w_fp8_t, precise)
         ctx.save_for_backward(h8, h_si, x_scale, x_si, w_fp8_t if ctx.w_is_t else w_fp8, w_si, *g_meta_t, *grad_bufs)
-        ctx.x_shape, ctx.x_dtype, ctx.has_bias, ctx.need_wgrad = h.shape, h.dtype, bias is not None, weight.requires_grad
-        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.x_dtype = h.dtype
         return out.view(*h.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_output):
         h8, h_si, x_scale, x_si, w_t, w_si, *g_and_bufs = ctx.saved_tensors
-        h = h8.to(ctx.x_dtype) * h_si.to(ctx.x_dtype)  # (M, K): h rounded to E4M3 (exact in BF16, as above)
+        h = dequantize(h8, h_si, ctx.x_dtype)  # (M, K): h rounded to E4M3 (exact in BF16, as above)
 
         def recomputed_x_t():  # FP8(GELU(h))^T with the forward's scale; records nothing (amax, stats)
             a = torch.nn.functional.gelu(h, approximate="tanh")

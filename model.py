@@ -177,9 +177,13 @@ class CausalSDPA(nn.Module):
                                               is_causal=True)  # (B, nh, T, hs)
 
 
-def _swap_children(model: nn.Module, match: Callable[[nn.Module], bool], make: Callable[[nn.Module], nn.Module]):
-    """Replace every submodule for which match(child) holds by make(child); returns model."""
+def _swap_children(model: nn.Module, match: Callable[[nn.Module], bool], make: Callable[[nn.Module], nn.Module],
+                   keep_in: tuple = ()):
+    """Replace every submodule for which match(child) holds by make(child), except the direct children of
+    modules of the types keep_in; returns model."""
     for mod in list(model.modules()):
+        if isinstance(mod, keep_in):
+            continue
         for name, child in list(mod.named_children()):
             if match(child):
                 setattr(mod, name, make(child))
@@ -216,13 +220,7 @@ def use_fp8_gelu(model: nn.Module, recompute: bool = False) -> nn.Module:
 def use_bf16_norms(model: nn.Module) -> nn.Module:
     """Swap every norm that reads the float32 residual stream (the pre-norms and ln_f; not fog's post-norms,
     which read BF16 branch outputs and write the stream) for BF16Norm (train.py --bf16_norms=1)."""
-    for mod in list(model.modules()):
-        if isinstance(mod, FogBlock):
-            continue
-        for name, child in list(mod.named_children()):
-            if isinstance(child, (nn.LayerNorm, RMSNorm)):
-                setattr(mod, name, BF16Norm(child))
-    return model
+    return _swap_children(model, lambda c: isinstance(c, (nn.LayerNorm, RMSNorm)), BF16Norm, keep_in=(FogBlock,))
 
 
 class Attention(nn.Module):

@@ -2404,6 +2404,21 @@ def test_fp8_saved_gelu_traces_under_torch_compile():
     assert torch.equal(xa.grad, xb.grad)
 
 
+def saved_sizes(model, idx, autocast: bool = True) -> tuple:
+    """(loss, sizes): the bytes of each tensor a training forward of model(idx, idx) saves for its backward
+    (saved_tensors_hooks; under CPU BF16 autocast unless autocast=False); the backward then runs."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel() * t.element_size())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(idx, idx)[1]
+    loss.backward()
+    return loss.item(), sizes
+
+
 def test_fp8_gelu_halves_the_saved_gelu_input():
     """Bytes saved for the backward (saved_tensors_hooks) of a tiny level-1 GPT forward, with and without
     model.use_fp8_gelu: each block's GELU input (M, 4C) is kept as 1-byte E4M3 (+ a 4-byte scale) instead of
@@ -2414,16 +2429,7 @@ def test_fp8_gelu_halves_the_saved_gelu_input():
         model = fp8.convert_to_fp8(M.GPT(cfg), 1)
         if fp8_gelu:
             M.use_fp8_gelu(model)
-        total = []
-
-        def pack(t):
-            total.append(t.numel() * t.element_size())
-            return t
-        idx = torch.randint(0, 256, (2, 32))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = model(idx, idx)[1]
-        loss.backward()
-        return sum(total)
+        return sum(saved_sizes(model, torch.randint(0, 256, (2, 32)), autocast=False)[1])
     L, Mtok, hidden = 2, 2 * 32, 4 * 64
     assert saved_bytes(False) - saved_bytes(True) == L * (Mtok * hidden * 3 - 4)
 
@@ -2454,16 +2460,8 @@ def test_fp8_gelu_recompute_matches_saved_input():
             for mod in m.modules():
                 if isinstance(mod, fp8.FP8Linear):
                     mod.weight_grad_scale_inv.zero_()
-            sizes = []
-
-            def pack(t):
-                sizes.append(t.numel() * t.element_size())
-                return t
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                    torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = m(idx, idx)[1]
-            loss.backward()
-            saved[name] = (loss.item(), sum(sizes))
+            loss, sizes = saved_sizes(m, idx)
+            saved[name] = (loss, sum(sizes))
         assert saved["one"][0] == saved["two"][0]
         Mp = kernels.round_up(2 * 32, fp8.PAD_TOKENS)
         assert saved["one"][1] - saved["two"][1] == 2 * (4 * 64 * Mp - 4)
@@ -2564,16 +2562,7 @@ def test_bf16_norms_cut_saved_bytes_and_keep_names():
         return M.use_bf16_norms(model) if bf16_norms else model
 
     def saved_bytes(model) -> int:
-        total = []
-
-        def pack(t):
-            total.append(t.numel() * t.element_size())
-            return t
-        idx = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(idx, idx)[1]
-        loss.backward()
-        return sum(total)
+        return sum(saved_sizes(model, torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1)))[1])
     base, lean = build("gpt2", False), build("gpt2", True)
     assert list(base.state_dict()) == list(lean.state_dict())
     lean.load_state_dict(base.state_dict())
@@ -2647,15 +2636,7 @@ def test_chunked_head_keeps_no_logits():
     """Nothing of the BF16 (M, V) logits' size is saved for the backward; the saved bytes drop by at least the plain
     head's float32 log-softmax (M x V x 4)."""
     def saved(model):
-        sizes = []
-
-        def pack(t):
-            sizes.append(t.numel() * t.element_size())
-            return t
-        idx = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(2))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-            model(idx, idx)[1].backward()
-        return sizes
+        return saved_sizes(model, torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(2)))[1]
     plain, chunked = _head_pair("gpt2", 48)
     Mtok, V = 8 * 32, 300  # rows > 2 C: the saved (V, C) float32 weight gradient is smaller than M x V x 2
     sp, sc = saved(plain), saved(chunked)
