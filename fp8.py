@@ -211,6 +211,32 @@ def _(a, b, a_scale_inv, b_scale_inv, prev, prev_scale_inv, amax_out, precise):
     return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.float32)
 
 
+@torch.library.custom_op("nanofp8::gelu_fwd", mutates_args=("a_amax", "a_stats"))
+def _gelu_fwd_op(h: torch.Tensor, a_scale: torch.Tensor, a_amax: torch.Tensor, a_stats: torch.Tensor, a_fp8: bool,
+                 record: bool, count: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return kernels.gelu_fp8_fwd(h, a_scale if a_fp8 else None, a_amax if a_fp8 and record else None,
+                                a_stats if a_fp8 and count else None)
+
+
+@_gelu_fwd_op.register_fake
+def _(h, a_scale, a_amax, a_stats, a_fp8, record, count):
+    return h.new_empty(h.shape, dtype=E4M3), h.new_empty(1, dtype=torch.float32), \
+        h.new_empty(h.shape, dtype=E4M3 if a_fp8 else h.dtype)
+
+
+@torch.library.custom_op("nanofp8::gelu_bwd", mutates_args=())
+def _gelu_bwd_op(h8: torch.Tensor, h_si: torch.Tensor, grad: torch.Tensor, x_dtype: torch.dtype,
+                 a_scale: torch.Tensor, want_a_t: bool, pad_t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gh, a_t = kernels.gelu_fp8_bwd(h8, h_si, grad, x_dtype, a_scale if want_a_t else None, pad_t)
+    return gh, (a_t if a_t is not None else h8.new_empty(0))
+
+
+@_gelu_bwd_op.register_fake
+def _(h8, h_si, grad, x_dtype, a_scale, want_a_t, pad_t):
+    M, N = h8.shape
+    return grad.new_empty(grad.shape), h8.new_empty((N, kernels.round_up(M, pad_t)) if want_a_t else (0,))
+
+
 def cast(x, fp8_dtype, scale, amax, stats, transpose=False, pad_t=1, colsum_out=None):
     """Delayed-scaling cast (records amax); custom op under torch.compile, direct call in eager."""
     if torch.compiler.is_compiling():
@@ -240,6 +266,27 @@ def amax_into(x, amax):
     return kernels.amax_into(x, amax)
 
 
+def gelu_fwd(h2, a_meta_t=None):
+    """kernels.gelu_fp8_fwd of (M, K) rows: (h8, h_scale_inv, a); a_meta_t (scale, amax slot or None, stats or
+    None) given: a is GELU(h)'s E4M3 copy with that delayed scale. Custom op under torch.compile."""
+    if torch.compiler.is_compiling():
+        scale, amax, stats = a_meta_t if a_meta_t is not None else (h2.new_ones(1, dtype=torch.float32), None, None)
+        dummy = scale.new_zeros(1)
+        return _gelu_fwd_op(h2, scale, amax if amax is not None else dummy,
+                            stats if stats is not None else dummy.new_zeros(2, dtype=torch.int32),
+                            a_meta_t is not None, amax is not None, stats is not None)
+    return kernels.gelu_fp8_fwd(h2, *(a_meta_t or ()))
+
+
+def gelu_bwd(h8, h_si, grad, x_dtype, a_scale=None, pad_t=1):
+    """kernels.gelu_fp8_bwd: (grad_h, FP8(GELU(h))^T or None). Custom op under torch.compile."""
+    if torch.compiler.is_compiling():
+        gh, a_t = _gelu_bwd_op(h8, h_si, grad, x_dtype, a_scale if a_scale is not None else h_si,
+                               a_scale is not None, pad_t)
+        return gh, (a_t if a_scale is not None else None)
+    return kernels.gelu_fp8_bwd(h8, h_si, grad, x_dtype, a_scale, pad_t)
+
+
 def gemm(a, b, a_scale_inv, b_scale_inv, out_dtype=torch.bfloat16, bias=None, acc_fp8=None, amax_out=None,
          precise=False):
     if torch.compiler.is_compiling():
@@ -264,19 +311,6 @@ def cast_weight(w: torch.Tensor, w_fp8: torch.Tensor, w_si: torch.Tensor, w_amax
 
 
 @torch.no_grad()
-def quantize_jit(x2: torch.Tensor) -> tuple:
-    """(M, K) high-precision rows -> (E4M3 copy, its scale_inv (1,)), scaled by their own amax (two passes): the
-    saved-activation format of --fp8_gelu (1 byte per element; dequantize gives back the rounded values)."""
-    x8, si = torch.empty(x2.shape, dtype=E4M3, device=x2.device), torch.empty(1, device=x2.device)
-    cast_jit(x2, amax_into(x2, torch.zeros(1, device=x2.device)), x8, si)
-    return x8, si
-
-
-def dequantize(x8: torch.Tensor, si: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x8 * scale_inv in dtype: exact in BF16 for E4M3 (4 significant bits times a power of two)."""
-    return x8.to(dtype) * si.to(dtype)
-
-
 def accumulate_fp8_grad(grad_fp8, grad_scale_inv, grad_amax, g_t, g_si, x_t, x_si, precise=False):
     """grad (N, K) += g_t (N, Mp) @ x_t (K, Mp)^T, kept as FP8 E4M3 + scale. The GEMM epilogue adds
     the running FP8 sum and takes the amax of the result; a just-in-time cast re-quantizes it."""
@@ -307,7 +341,7 @@ class _FP8LinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         x_t, x_si, w_t, w_si, *g_and_bufs = ctx.saved_tensors
-        grad_x, grad_b = _linear_backward(ctx, grad_output, lambda: x_t, x_si, w_t, w_si, g_and_bufs)
+        grad_x, grad_b = _linear_backward(ctx, grad_output, lambda grad_x: x_t, x_si, w_t, w_si, g_and_bufs)
         return grad_x.view(ctx.x_shape), None, grad_b, None, None, None, None, None, None
 
 
@@ -326,8 +360,8 @@ def _linear_ctx(ctx, x, weight, bias, g_meta, w_fp8_t, precise) -> None:
 
 def _linear_backward(ctx, grad_output, x_t_fn, x_si, w_t, w_si, g_and_bufs):
     """The FP8 linear's dgrad and wgrad (shared by _FP8LinearFn and _FP8GELULinearFn): grad_output (..., N) ->
-    (grad_x (M, K), grad_bias or None); the weight gradient accumulates into the FP8 buffers. x_t_fn() gives
-    the (K, Mp) FP8 input the wgrad reads (saved, or recomputed)."""
+    (grad_x (M, K), grad_bias or None); the weight gradient accumulates into the FP8 buffers. x_t_fn(grad_x)
+    gives the (K, Mp) FP8 input the wgrad reads (saved, or recomputed; grad_x lets a recompute share its pass)."""
     g_scale, g_si, g_amax, g_stats, grad_fp8, grad_si, grad_amax = g_and_bufs
     N = grad_output.shape[-1]
     g2 = grad_output.reshape(-1, N)  # (M, N)
@@ -342,7 +376,7 @@ def _linear_backward(ctx, grad_output, x_t_fn, x_si, w_t, w_si, g_and_bufs):
         w_t = w_t.view(torch.uint8).t().contiguous().view(w_t.dtype)
     grad_x = gemm(g_fp8, w_t, g_si, w_si, grad_output.dtype, precise=ctx.precise[1])  # (M, N) x (K, N)^T -> (M, K)
     if ctx.need_wgrad:
-        accumulate_fp8_grad(grad_fp8, grad_si, grad_amax, g_fp8_t, g_si, x_t_fn(), x_si, ctx.precise[2])  # (N, K)
+        accumulate_fp8_grad(grad_fp8, grad_si, grad_amax, g_fp8_t, g_si, x_t_fn(grad_x), x_si, ctx.precise[2])  # (N, K)
     return grad_x, (grad_b.to(ctx.bias_dtype) if ctx.has_bias else None)
 
 
@@ -645,16 +679,15 @@ class _FP8SavedGELUFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        ctx.save_for_backward(*quantize_jit(x.detach().reshape(-1, x.shape[-1])))  # (M, 4C): the c_fc output
-        ctx.shape = x.shape
-        return torch.nn.functional.gelu(x, approximate="tanh")
+        x8, si, a = gelu_fwd(x.detach().reshape(-1, x.shape[-1]).contiguous())  # (M, 4C): the c_fc output
+        ctx.save_for_backward(x8, si)
+        return a.view(x.shape)
 
     @staticmethod
     def backward(ctx, grad_output):
         x8, si = ctx.saved_tensors
-        # the input, rounded to E4M3: exact in BF16 too (4 significant bits, power-of-two scale), one pass fewer
-        x = dequantize(x8, si, grad_output.dtype).view(ctx.shape)
-        return torch.ops.aten.gelu_backward(grad_output, x, approximate="tanh")
+        g2 = grad_output.reshape(x8.shape).contiguous()
+        return gelu_bwd(x8, si, g2, g2.dtype)[0].view(grad_output.shape)
 
 
 class _FP8GELULinearFn(torch.autograd.Function):
@@ -668,9 +701,8 @@ class _FP8GELULinearFn(torch.autograd.Function):
     def forward(ctx, h, weight, bias, g_meta, x_meta_t, g_meta_t, grad_bufs, w_fp8_t3, precise):
         x_scale, x_si, x_amax, x_stats = x_meta_t
         w_fp8, w_fp8_t, w_si = w_fp8_t3
-        h2 = h.detach().reshape(-1, h.shape[-1])  # (M, K): the c_fc output, contiguous
-        h8, h_si = quantize_jit(h2)
-        a_fp8, _ = cast(torch.nn.functional.gelu(h2, approximate="tanh"), E4M3, x_scale, x_amax, x_stats)
+        h2 = h.detach().reshape(-1, h.shape[-1]).contiguous()  # (M, K): the c_fc output
+        h8, h_si, a_fp8 = gelu_fwd(h2, (x_scale, x_amax, x_stats))  # one read of h for both FP8 copies
         out = gemm(a_fp8, w_fp8, x_si, w_si, _out_dtype(h), bias, precise=precise[0])  # (M, N)
         _linear_ctx(ctx, h, weight, bias, g_meta, w_fp8_t, precise)
         ctx.save_for_backward(h8, h_si, x_scale, x_si, w_fp8_t if ctx.w_is_t else w_fp8, w_si, *g_meta_t, *grad_bufs)
@@ -680,14 +712,16 @@ class _FP8GELULinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         h8, h_si, x_scale, x_si, w_t, w_si, *g_and_bufs = ctx.saved_tensors
-        h = dequantize(h8, h_si, ctx.x_dtype)  # (M, K): h rounded to E4M3 (exact in BF16, as above)
+        grad_h = []
 
-        def recomputed_x_t():  # FP8(GELU(h))^T with the forward's scale; records nothing (amax, stats)
-            a = torch.nn.functional.gelu(h, approximate="tanh")
-            return cast(a, E4M3, x_scale, None, None, transpose=True, pad_t=PAD_TOKENS)[1]
+        def recomputed_x_t(grad_a):  # one pass: GELU's input gradient and FP8(GELU(h))^T with the forward's scale
+            gh, a_t = gelu_bwd(h8, h_si, grad_a, ctx.x_dtype, x_scale, PAD_TOKENS)  # (records nothing)
+            grad_h.append(gh)
+            return a_t
         grad_a, grad_b = _linear_backward(ctx, grad_output, recomputed_x_t, x_si, w_t, w_si, g_and_bufs)
-        grad_h = torch.ops.aten.gelu_backward(grad_a, h.to(grad_a.dtype), approximate="tanh")
-        return grad_h.view(ctx.x_shape), None, grad_b, None, None, None, None, None, None
+        if not grad_h:  # no wgrad (frozen weight): the input gradient alone
+            grad_h.append(gelu_bwd(h8, h_si, grad_a, ctx.x_dtype)[0])
+        return grad_h[0].view(ctx.x_shape), None, grad_b, None, None, None, None, None, None
 
 
 class FP8SavedGELU(nn.Module):

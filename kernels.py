@@ -32,9 +32,11 @@ HP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the cast read
 K_ALIGN = 16  # FP8 tensor-core GEMMs (cuBLAS and TMA) need 16-byte aligned rows of the K-major operands
 
 
-def _tuned(configs: list) -> list:
-    """The configs an autotuner competes over: all, or (NANOFP8_AUTOTUNE=0) the first."""
-    return configs if AUTOTUNE else configs[:1]
+def _tuned(configs: list, fallback: Optional[list] = None) -> list:
+    """The configs an autotuner competes over: all, or (NANOFP8_AUTOTUNE=0) the first, plus fallback (smaller
+    configs) where the first does not fit every call: the autotuner drops a config that runs out of shared memory
+    and then times what is left."""
+    return configs if AUTOTUNE else configs[:1] + (fallback or [])
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -287,6 +289,178 @@ def cast_to_fp8(
 
 
 # ----------------------------------------------------------------------------------------------
+# tanh-GELU with its input kept in FP8 (--fp8_gelu): one pass forward, one pass backward
+
+
+@triton.jit
+def _gelu_parts(x):
+    """tanh-GELU of fp32 x as x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3) (= 0.5 x (1 + tanh u), with no
+    cancellation near 0): (GELU(x), GELU'(x))."""
+    x2 = x * x
+    s = 1.0 / (1.0 + tl.exp(-1.5957691216057308 * x * (1.0 + 0.044715 * x2)))  # 2 sqrt(2/pi) = 1.5957...
+    return x * s, s + x * s * (1.0 - s) * 1.5957691216057308 * (1.0 + 0.134145 * x2)
+
+
+def _gelu_parts_ref(x: torch.Tensor) -> tuple:
+    """Torch twin of _gelu_parts (float32)."""
+    x2 = x * x
+    s = torch.sigmoid(1.5957691216057308 * x * (1.0 + 0.044715 * x2))
+    return x * s, s + x * s * (1.0 - s) * 1.5957691216057308 * (1.0 + 0.134145 * x2)
+
+
+@triton.jit
+def _round_to(v, ROUND: tl.constexpr, SOFT: tl.constexpr):
+    """fp32 v rounded (to nearest even) to the activation dtype (0 float32, 1 bfloat16, 2 float16), in fp32.
+    SOFT: by integer arithmetic (the interpreter's fp32 -> bf16 conversion truncates)."""
+    if ROUND == 1:
+        if SOFT:
+            v = _round_to_fp8_grid(v, 7, -126)  # bf16: 7 mantissa bits, fp32's exponent range
+        else:
+            v = v.to(tl.bfloat16).to(tl.float32)
+    elif ROUND == 2:
+        if SOFT:
+            v = _round_to_fp8_grid(v, 10, -14)  # fp16 (a value past 65504 turns inf on the store)
+        else:
+            v = v.to(tl.float16).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _to_e4m3(v, dst_ty: tl.constexpr, FP8_MAX: tl.constexpr, SOFT_CVT: tl.constexpr, VIA: tl.constexpr):
+    """Saturate (NaN kept) and convert scaled fp32 v, a value of the activation dtype VIA (a _round_to code)
+    times a power of two, to E4M3; through that 16-bit dtype (exact) when it is one: the hardware conversion
+    from bf16/fp16 sources is sound, from some fp32 register layouts not (see _soft_fp8)."""
+    v = tl.clamp(v, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    if SOFT_CVT:
+        return _soft_fp8(v, 3, -6).to(dst_ty, bitcast=True)
+    if VIA == 1:
+        return v.to(tl.bfloat16).to(dst_ty)
+    if VIA == 2:
+        return v.to(tl.float16).to(dst_ty)
+    return v.to(dst_ty)
+
+
+@triton.jit
+def _gelu_fwd_kernel(h_ptr, h8_ptr, h_amax_ptr, h_si_ptr, a_ptr, a_scale_ptr, a_amax_ptr, a_stats_ptr, M, N,
+                     A_FP8: tl.constexpr, HAS_AMAX: tl.constexpr, HAS_STATS: tl.constexpr, ROUND: tl.constexpr,
+                     FP8_MAX: tl.constexpr, FP8_MIN_SUB: tl.constexpr, FMAX_EXP: tl.constexpr,
+                     FMAX_MANT: tl.constexpr, SOFT_CVT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    offs = offs_m[:, None] * N + offs_n[None, :]
+    x = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # h -> E4M3 with the just-in-time scale of its amax (a previous pass), as cast_to_fp8's JIT_SCALE
+    scale = _pow2_scale(tl.load(h_amax_ptr), FMAX_EXP, FMAX_MANT, 0)
+    if (pid_m == 0) & (pid_n == 0):
+        tl.store(h_si_ptr, 1.0 / scale)
+    tl.store(h8_ptr + offs, _to_e4m3(x * scale, h8_ptr.dtype.element_ty, FP8_MAX, SOFT_CVT, ROUND), mask=mask)
+    a, _ = _gelu_parts(x)
+    a = _round_to(a, ROUND, SOFT_CVT)  # as the unfused GELU's output in the activation dtype
+    if A_FP8:  # --fp8_gelu=2: the FP8 copy the next GEMM reads, delayed scaling (as _cast_kernel)
+        if HAS_AMAX:
+            tl.atomic_max(a_amax_ptr, tl.max(tl.max(tl.where(a == a, tl.abs(a), float("inf")), axis=1), axis=0))
+        a_scale = tl.load(a_scale_ptr)
+        if HAS_STATS:
+            n_sat = tl.sum(tl.sum((tl.abs(a * a_scale) >= FP8_MAX).to(tl.int32), axis=1), axis=0)
+            n_ftz = tl.sum(tl.sum(((a != 0) & (tl.abs(a * a_scale) < FP8_MIN_SUB * 0.5)).to(tl.int32), axis=1), axis=0)
+            tl.atomic_add(a_stats_ptr, n_sat)
+            tl.atomic_add(a_stats_ptr + 1, n_ftz)
+        tl.store(a_ptr + offs, _to_e4m3(a * a_scale, a_ptr.dtype.element_ty, FP8_MAX, SOFT_CVT, ROUND), mask=mask)
+    else:  # --fp8_gelu=1: GELU's output in the activation dtype
+        tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gelu_bwd_kernel(h8_ptr, h_si_ptr, g_ptr, gh_ptr, at_ptr, a_scale_ptr, M, N, MT,
+                     WANT_AT: tl.constexpr, ROUND: tl.constexpr, GROUND: tl.constexpr, FP8_MAX: tl.constexpr,
+                     SOFT_CVT: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    offs = offs_m[:, None] * N + offs_n[None, :]
+    x = tl.load(h8_ptr + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(h_si_ptr)  # exact
+    gy = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    a, da = _gelu_parts(x)
+    tl.store(gh_ptr + offs, _round_to(gy * da, GROUND, SOFT_CVT).to(gh_ptr.dtype.element_ty), mask=mask)
+    if WANT_AT:  # --fp8_gelu=2: FP8(GELU(h))^T for the wgrad, the forward's scale, rows padded to MT with zeros
+        a8 = _to_e4m3(_round_to(a, ROUND, SOFT_CVT) * tl.load(a_scale_ptr), at_ptr.dtype.element_ty, FP8_MAX, SOFT_CVT, ROUND)
+        tl.store(at_ptr + offs_n[None, :] * MT + offs_m[:, None], a8, mask=(offs_m[:, None] < MT) & (offs_n[None, :] < N))
+
+
+_ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+GELU_TILE = (64, 128, 8)  # BLOCK_M, BLOCK_N, num_warps: the cast's tile (elementwise, with a transposed store)
+
+
+def gelu_fp8_fwd_ref(h, a_scale=None, a_amax=None, a_stats=None):
+    """Pure-torch reference of gelu_fp8_fwd (same arguments and results)."""
+    h_si = torch.empty(1, device=h.device)
+    h8, _ = cast_to_fp8_ref(h, E4M3, None, amax_into(h, torch.zeros(1, device=h.device)), scale_inv_out=h_si)
+    a = _gelu_parts_ref(h.float())[0].to(h.dtype)
+    if a_scale is not None:
+        a, _ = cast_to_fp8_ref(a, E4M3, a_scale, a_amax, stats=a_stats)
+    return h8, h_si, a
+
+
+def gelu_fp8_fwd(h: torch.Tensor, a_scale: Optional[torch.Tensor] = None, a_amax: Optional[torch.Tensor] = None,
+                 a_stats: Optional[torch.Tensor] = None):
+    """tanh-GELU of h (M, N) that also returns h as E4M3 with a just-in-time power-of-two scale (the input the
+    backward keeps): (h8, h_scale_inv (1,), a). a = GELU(h) in h's dtype, or (a_scale given) its E4M3 copy with
+    that delayed scale, recording max|a| into a_amax and (a_stats, int32 (2,)) the saturated / flushed counts.
+    Two passes over h: its amax, then one read for both outputs."""
+    assert h.dim() == 2 and h.is_contiguous() and h.dtype in HP_DTYPES, f"gelu_fp8_fwd: 2-D contiguous float, got {h.dtype} {tuple(h.shape)}"
+    assert a_scale is not None or (a_amax is None and a_stats is None), "a_amax / a_stats need a_scale"
+    if not use_triton(h):
+        return gelu_fp8_fwd_ref(h, a_scale, a_amax, a_stats)
+    M, N = h.shape
+    h8, h_si = torch.empty(M, N, dtype=E4M3, device=h.device), torch.empty(1, device=h.device)
+    a = torch.empty(M, N, dtype=E4M3 if a_scale is not None else h.dtype, device=h.device)
+    h_amax = amax_into(h, torch.zeros(1, device=h.device))
+    fi, (fe, fm) = torch.finfo(E4M3), fmax_bits(E4M3)
+    BM, BN, warps = GELU_TILE if not INTERPRET else (16, 32, 1)
+    dummy = h_amax
+    _gelu_fwd_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
+        h, h8, h_amax, h_si, a, a_scale if a_scale is not None else dummy, a_amax if a_amax is not None else dummy,
+        a_stats if a_stats is not None else dummy, M, N,
+        A_FP8=a_scale is not None, HAS_AMAX=a_amax is not None, HAS_STATS=a_stats is not None, ROUND=_ROUND[h.dtype],
+        FP8_MAX=fi.max, FP8_MIN_SUB=fi.smallest_normal * fi.eps, FMAX_EXP=fe, FMAX_MANT=fm,
+        SOFT_CVT=INTERPRET or h.dtype == torch.float32, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps)
+    return h8, h_si, a
+
+
+def gelu_fp8_bwd_ref(h8, h_si, grad, x_dtype, a_scale=None, pad_t=1):
+    """Pure-torch reference of gelu_fp8_bwd (same arguments and results)."""
+    a, da = _gelu_parts_ref(h8.float() * h_si)
+    a_t = cast_to_fp8_ref(a.to(x_dtype), E4M3, a_scale, transpose=True, pad_t=pad_t)[1] if a_scale is not None else None
+    return (grad.float() * da).to(grad.dtype), a_t
+
+
+def gelu_fp8_bwd(h8: torch.Tensor, h_si: torch.Tensor, grad: torch.Tensor, x_dtype: torch.dtype,
+                 a_scale: Optional[torch.Tensor] = None, pad_t: int = 1):
+    """Backward of gelu_fp8_fwd from the kept E4M3 input: (grad_h = grad * GELU'(h8 * h_si) in grad's dtype,
+    a_t). a_scale given (--fp8_gelu=2): a_t = the recomputed FP8 GELU output the wgrad reads, transposed
+    (N, round_up(M, pad_t)), GELU(h) rounded to x_dtype (as the forward) then cast with a_scale, recording
+    nothing; else None. One read of h8 and grad."""
+    assert h8.dtype == E4M3 and h8.dim() == 2 and h8.is_contiguous() and grad.shape == h8.shape
+    assert grad.is_contiguous() and grad.dtype in HP_DTYPES and x_dtype in HP_DTYPES
+    if not use_triton(h8):
+        return gelu_fp8_bwd_ref(h8, h_si, grad, x_dtype, a_scale, pad_t)
+    M, N = h8.shape
+    MT = round_up(M, pad_t) if a_scale is not None else M
+    gh = torch.empty_like(grad)
+    a_t = torch.empty(N, MT, dtype=E4M3, device=h8.device) if a_scale is not None else None
+    BM, BN, warps = GELU_TILE if not INTERPRET else (16, 32, 1)
+    _gelu_bwd_kernel[(triton.cdiv(MT, BM), triton.cdiv(N, BN))](
+        h8, h_si, grad, gh, a_t if a_t is not None else h8, a_scale if a_scale is not None else h_si, M, N, MT,
+        WANT_AT=a_scale is not None, ROUND=_ROUND[x_dtype], GROUND=_ROUND[grad.dtype], FP8_MAX=torch.finfo(E4M3).max,
+        SOFT_CVT=INTERPRET or x_dtype == torch.float32, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps)
+    return gh, a_t
+
+
+# ----------------------------------------------------------------------------------------------
 # GEMM: C = (A @ B^T) * a_scale_inv * b_scale_inv (+ bias) (+ C)
 
 
@@ -403,13 +577,13 @@ def _tma_hook(nargs):
     nargs["c_desc"].block_shape = [BM, BN // nargs["EPI_SPLIT"]]
 
 
-def _tma_configs():
+def _tma_configs(table=None):
     # Hopper: 128x256x128 with 8 warps (two consumer warpgroups) is the big-GEMM workhorse; its
     # BF16 epilogue fits beside 4 stages only when stored in two halves (EPI_SPLIT=2: 32 KB staging);
     # 128x128 tiles fill the 132 SMs on the thin N=768 shapes. 4 warps at 128x256 spill.
     # (BM, BN, BK, stages, warps, EPI_SPLIT, GROUP_M); swept on an H100, see bench.py gemm
     # FLATTEN software-pipelines across tiles (the next tile's loads overlap this tile's epilogue).
-    table = [(128, 256, 128, 4, 8, 2, 8, 1), (128, 256, 128, 4, 8, 2, 16, 1), (128, 256, 128, 4, 8, 2, 4, 1),
+    table = table or [(128, 256, 128, 4, 8, 2, 8, 1), (128, 256, 128, 4, 8, 2, 16, 1), (128, 256, 128, 4, 8, 2, 4, 1),
              (128, 256, 128, 4, 8, 4, 8, 1), (128, 256, 128, 4, 8, 2, 8, 0), (128, 256, 128, 3, 8, 1, 8, 1),
              (128, 256, 128, 3, 8, 2, 8, 1), (128, 256, 64, 6, 8, 2, 8, 1),
              (128, 128, 128, 5, 4, 1, 8, 1), (128, 128, 128, 5, 4, 2, 8, 1), (128, 128, 128, 4, 8, 1, 8, 1),
@@ -434,7 +608,9 @@ def _precise_configs(configs, named_args, **kwargs):
     return [c for c in configs if c.kwargs["BLOCK_K"] == PRECISE_K]
 
 
-@triton.autotune(configs=_tuned(_tma_configs()), key=["M", "N", "K", "HAS_BIAS", "ACCUMULATE", "ACC_FP8", "PRECISE"],
+# NANOFP8_AUTOTUNE=0: the first config's FP32 epilogues (wgrad, accumulation) need up to 320 KB of shared memory;
+# 128x128 tiles at 3 stages fit every epilogue
+@triton.autotune(configs=_tuned(_tma_configs(), _tma_configs([(128, 128, 128, 3, 4, 1, 8, 1)])), key=["M", "N", "K", "HAS_BIAS", "ACCUMULATE", "ACC_FP8", "PRECISE"],
                  restore_value=["c_ptr", "amax_ptr"], prune_configs_by={"early_config_prune": _precise_configs})
 @triton.jit
 def _gemm_tma_kernel(

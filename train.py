@@ -638,7 +638,10 @@ class GraphedStep:
             torch.cuda.current_stream().wait_stream(self.stream)
             return out
         if self.graph is None:
-            self.xs, self.ys = xs.clone(), ys.clone()
+            # static buffers with the eager batches' strides (views of (B, T + 1) rows): a compiled model guards
+            # on strides, and a recompilation inside the capture fails
+            self.xs, self.ys = (torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device).copy_(t)
+                                for t in (xs, ys))
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):  # records only: the replay below runs this step
                 self.out = train_step(model, raw, opt, params, self.xs, self.ys, self.cfg, 1, self.device)
