@@ -359,7 +359,8 @@ def test_precise_gemm_configs_share_one_promotion_interval():
 
 
 def test_autotune_off_keeps_one_config_per_kernel():
-    """NANOFP8_AUTOTUNE=0 (GPU test runs: one compile per kernel variant) leaves each autotuner its first config;
+    """NANOFP8_AUTOTUNE=0 (GPU test runs: one compile per kernel variant) leaves each autotuner its first config,
+    and the GEMM's also a smaller one (its first overruns shared memory with FP32 epilogues, measured on the H100);
     by default they compete over the whole table."""
     code = ("import kernels as k; print([len(t.configs) for t in (k._gemm_tma_kernel, k._attn_fwd_tuned, "
             "k._attn_dq_tuned, k._attn_dkdv_tuned)])")
@@ -370,7 +371,7 @@ def test_autotune_off_keeps_one_config_per_kernel():
                            cwd=os.path.dirname(os.path.abspath(__file__)))
         assert r.returncode == 0, r.stderr[-2000:]
         counts[flag] = json.loads(r.stdout.strip().splitlines()[-1])
-    assert counts["0"] == [1, 1, 1, 1]
+    assert counts["0"] == [2, 1, 1, 1]
     assert counts["1"] == [len(kernels._tma_configs())] + [len(kernels._ATTN_TABLE)] * 3 and min(counts["1"]) > 1
 
 
