@@ -527,7 +527,10 @@ def activation_stats(model: GPT, idx: torch.Tensor) -> torch.Tensor:
 
     def hook(layer: int, tap: int, pre: bool):
         def fn(module, args, output=None):
-            out[layer, tap] = tensor_stats(args[0] if pre else output)
+            x = args[0] if pre else output
+            if pre and getattr(module, "gelu_in", False):  # --fp8_gelu=2: c_proj reads h and applies the GELU itself
+                x = F.gelu(x, approximate="tanh")
+            out[layer, tap] = tensor_stats(x)
         return fn
 
     handles = [(mod.register_forward_pre_hook if pre else mod.register_forward_hook)(hook(layer, TAPS.index(name), pre))

@@ -2510,6 +2510,21 @@ def _gelu_pair():
     return M.use_fp8_gelu(saved_in), M.use_fp8_gelu(recompute, recompute=True)
 
 
+def test_monitor_taps_read_the_same_with_gelu_recompute():
+    """--fp8_gelu=2 moves the GELU into c_proj: the monitor's mlp_post tap (c_proj's input) still sees GELU's output,
+    so every tap's statistics match --fp8_gelu=1's (the same weights; GELU by torch in the tap, by the fused kernel
+    in =1: float32 rounding apart)."""
+    one, two = _gelu_pair()
+    idx = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(3))
+    stats = []
+    for m in (one, two):
+        m.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            stats.append(M.activation_stats(m, idx))
+    assert stats[0].shape == (2, len(M.TAPS), len(M.STATS))
+    torch.testing.assert_close(stats[1], stats[0], rtol=1e-2, atol=0)  # mlp_post of the GELU input: kurtosis x2+
+
+
 def test_fp8_gelu_recompute_matches_saved_input():
     """--fp8_gelu=2 vs 1, same weights, 2 steps' forwards: the same loss and every gradient bit for bit but
     c_proj's weight gradient (within FP8_GELU_RECOMPUTE_WGRAD_SQNR_DB); per block, (4C, Mp) FP8 bytes less
