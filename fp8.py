@@ -675,7 +675,8 @@ class _FP8SavedGELUFn(torch.autograd.Function):
     """tanh-GELU that keeps its input for the backward as E4M3 with a just-in-time power-of-two scale: 1 byte
     per element instead of BF16's 2. The MLP's GELU input (B, T, 4C) is the largest activation a GPT block
     saves; the gradient through GELU' of the FP8-rounded input keeps an SQNR of 40-47 dB (random inputs with
-    an outlier; BF16-saved: 52 dB), above the ~30 dB of the FP8 dgrad GEMM that produced dy."""
+    an outlier; BF16-saved: 52 dB), above the ~30 dB of the FP8 dgrad GEMM that produced dy. Both directions are
+    one fused kernel each (kernels.gelu_fp8_fwd / gelu_fp8_bwd)."""
 
     @staticmethod
     def forward(ctx, x):
@@ -693,9 +694,9 @@ class _FP8SavedGELUFn(torch.autograd.Function):
 class _FP8GELULinearFn(torch.autograd.Function):
     """proj(tanh-GELU(h)) for an FP8Linear proj that keeps for the backward only h, as E4M3 with a just-in-time
     scale (as _FP8SavedGELUFn). The FP8 copy of GELU(h) that proj's wgrad reads, which the plain path keeps
-    from the forward, is recomputed from it in the backward: one more elementwise pass over the (M, 4C) hidden
-    activations, 1 byte per hidden element kept instead of 2 (--fp8_gelu=1) or 3 (BF16 GELU input + FP8
-    copy). The wgrad then reads FP8(GELU(FP8(h))), with the forward's delayed scale."""
+    from the forward, is recomputed from it in the backward, in the same pass that computes GELU's input
+    gradient (kernels.gelu_fp8_bwd): 1 byte per hidden element kept instead of 2 (--fp8_gelu=1) or 3 (BF16
+    GELU input + FP8 copy). The wgrad then reads FP8(GELU(FP8(h))), with the forward's delayed scale."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, g_meta, x_meta_t, g_meta_t, grad_bufs, w_fp8_t3, precise):
