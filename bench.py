@@ -7,6 +7,7 @@ bench.py: speed of the nanoFP8 pieces against BF16 and peers, side by side in on
   python bench.py step --presets 124m 1.3b   train.py's whole training step per level vs BF16 (compiled)
   python bench.py optim memory               FP8AdamW step vs torch AdamW(fused); bytes/param per level
   python bench.py saved --presets 1.3b --step_flags fp8_gelu=2   activation bytes kept for the backward, by shape
+  python bench.py gelu      the fused --fp8_gelu kernels vs the unfused passes they replace (% of copy bandwidth)
   python bench.py attn      FP8 causal attention fwd and fwd+bwd vs BF16 SDPA (flash), T 1024..8192, hs 64/128
   torchrun --standalone --nproc_per_node=2 bench.py comm   FP8 all-reduce vs NCCL BF16/FP32
 
@@ -875,8 +876,51 @@ def bench_attn(args) -> dict:
     return {"rows": rows, "summary": summary}
 
 
+def bench_gelu(args) -> dict:
+    """The --fp8_gelu kernels (kernels.gelu_fp8_fwd / gelu_fp8_bwd, `=2` mode) against the unfused sequence they
+    replace (amax, just-in-time cast of h, torch GELU, delayed cast; dequantize, torch GELU and its backward,
+    transposed cast), at the hidden shapes of gpt2-124m and gpt-1.3b (M = 16384 tokens)."""
+    import fp8 as F8
+    rows = []
+    for M, N in [(16384, 3072), (16384, 8192)]:
+        h = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        g = torch.randn_like(h)
+        scale, amax = torch.ones(1, device="cuda"), torch.zeros(1, device="cuda")
+        dst = torch.empty_like(h)
+        t_copy = median_ms(lambda: dst.copy_(h))
+        copy_gbs = 2 * h.numel() * 2 / t_copy / 1e6
+        h8, h_si, _ = kernels.gelu_fp8_fwd(h)
+
+        def fwd_unfused():
+            F8.amax_into(h, amax.zero_())
+            out, si = torch.empty(h.shape, dtype=E4M3, device="cuda"), torch.empty(1, device="cuda")
+            F8.cast_jit(h, amax, out, si)
+            return kernels.cast_to_fp8(torch.nn.functional.gelu(h, approximate="tanh"), E4M3, scale, amax)
+
+        def bwd_unfused():
+            x = h8.to(torch.bfloat16) * h_si.to(torch.bfloat16)
+            a_t = kernels.cast_to_fp8(torch.nn.functional.gelu(x, approximate="tanh"), E4M3, scale, None, True, 16)[1]
+            return torch.ops.aten.gelu_backward(g, x, approximate="tanh"), a_t
+        # bytes the fused kernels must move: fwd reads h twice (amax, then the pass), writes h8 and a8;
+        # bwd reads h8 and dy, writes dx and the transposed a8
+        moved = {"fwd": h.numel() * (2 + 2 + 1 + 1), "bwd": h.numel() * (1 + 2 + 2 + 1)}
+        for name, fused, unfused in [("fwd", lambda: kernels.gelu_fp8_fwd(h, scale, amax),
+                                      fwd_unfused),
+                                     ("bwd", lambda: kernels.gelu_fp8_bwd(h8, h_si, g, torch.bfloat16, scale, 16),
+                                      bwd_unfused)]:
+            fused(), unfused()
+            t_f, t_u = median_ms(fused), median_ms(unfused)
+            r = {"M": M, "N": N, "pass": name, "fused_ms": t_f, "unfused_ms": t_u, "speedup": t_u / t_f,
+                 "fused_frac_copy": moved[name] / t_f / 1e6 / copy_gbs, "copy_gbs": copy_gbs}
+            rows.append(r)
+            print(f"{M}x{N} {name}: fused {t_f:.3f} ms ({100 * r['fused_frac_copy']:.0f}% of copy), unfused "
+                  f"{t_u:.3f} ms, {r['speedup']:.2f}x", flush=True)
+    return {"rows": rows}
+
+
 SUBCOMMANDS = {"gemm": bench_gemm, "cast": bench_cast, "linear": bench_linear, "step": bench_step, "_step1": _step1,
-               "saved": bench_saved, "optim": bench_optim, "memory": bench_memory, "comm": bench_comm, "attn": bench_attn}
+               "saved": bench_saved, "optim": bench_optim, "memory": bench_memory, "comm": bench_comm, "attn": bench_attn,
+               "gelu": bench_gelu}
 
 
 def main(argv=None):
