@@ -42,6 +42,14 @@ GEMM_SHAPES = [(8192, 8192, 8192)] + [(16384, n, k) for n, k in [
 GEMM_SHAPES += [(3072, 768, 16384), (8192, 2048, 16384)]  # weight gradients: K = 16384 tokens
 
 
+def gemm_shape(text: str) -> tuple:
+    """--gemm_shapes item: "MxNxK" -> (M, N, K), positive ints."""
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected MxNxK with positive integers, got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
 def header() -> dict:
     import triton
     info = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -59,7 +67,7 @@ def bench_gemm(args) -> dict:
     rows = []
     print(f"{'M':>6} {'N':>6} {'K':>6} | {'bf16':>7} {'cublas8':>7} {'ours':>7} {'precise':>7} TFLOP/s | "
           f"{'ours/cublas':>11} {'ours/bf16':>9}")
-    for M, N, K in GEMM_SHAPES:
+    for M, N, K in args.gemm_shapes or GEMM_SHAPES:
         a = torch.randn(M, K, device="cuda")
         b = torch.randn(N, K, device="cuda")
         a16, b16 = a.bfloat16(), b.bfloat16()
@@ -927,6 +935,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="+", choices=sorted(SUBCOMMANDS))
     p.add_argument("--json", default=None, help="also append the JSON results to this file")
+    p.add_argument("--gemm_shapes", nargs="+", type=gemm_shape, default=None,
+                   help="gemm: MxNxK shapes (e.g. 8192x2048x16384) instead of the default list")
     p.add_argument("--presets", nargs="+", default=["124m"], help=f"for step: {sorted(STEP_SHAPES)}")
     p.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: one step variant
     p.add_argument("--profile", type=int, default=0, help="step: also print the top CUDA kernels per variant")

@@ -1941,6 +1941,16 @@ def test_bench_step_flags_parse_as_train_flags():
         bench.step_flags("fp8_gelu")
 
 
+def test_bench_gemm_shapes_parse():
+    """bench.py gemm --gemm_shapes MxNxK: parsed to ints; anything else is an argparse error, not a traceback."""
+    import argparse
+    import bench
+    assert bench.gemm_shape("8192x2048x16384") == (8192, 2048, 16384) and bench.gemm_shape("1X2x3") == (1, 2, 3)
+    for bad in ("12x3", "0x8x8", "8x8x-8", "axbxc", "8x8x8x8"):
+        with pytest.raises(argparse.ArgumentTypeError, match="MxNxK"):
+            bench.gemm_shape(bad)
+
+
 def test_bench_memory_bytes_per_param_cpu():
     import bench
     rows = bench.bench_memory(_memory_args([0, 1, 2, 3]))["rows"]
