@@ -13,6 +13,7 @@ FP8-LM (arXiv 2310.18313) section 2 / DESIGN.md "Numerics conventions":
 
 Usage:  model = convert_to_fp8(model, level=1); loss.backward(); update_scaling(model)
 """
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -31,6 +32,21 @@ PRECISE_ACC = {"none": (False, False, False), "wgrad": (False, False, True), "bw
 DEFAULT_PRECISE_ACC = "wgrad"
 MIN_FP8_FEATURES = 16  # both GEMM operands are K-major over in/out features: 16-byte rows (kernels.K_ALIGN)
 PAD_TOKENS = 16  # token dim of the transposed copies (the K of the weight-gradient GEMM) padded to this
+
+
+_recomputing = False  # True while activation checkpointing re-runs a forward for the backward (recomputing())
+
+
+@contextlib.contextmanager
+def recomputing():
+    """Around a forward that activation checkpointing re-runs in the backward (model.Attention.recompute): its FP8
+    casts use the scales they used the first time and record no amax or statistics (the first run did)."""
+    global _recomputing
+    prev, _recomputing = _recomputing, True
+    try:
+        yield
+    finally:
+        _recomputing = prev
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,7 +470,7 @@ class FP8Linear(nn.Linear):
             with torch.no_grad():
                 self.x_meta.prime(torch.nn.functional.gelu(x, approximate="tanh") if self.gelu_in else x)
         m, g = self.x_meta, self.g_meta
-        record = self.training  # eval forwards must not steer the training scales
+        record = self.training and not _recomputing  # eval forwards must not steer the training scales
         # under torch.compile a model that was never run eagerly starts from scale 1 (as TE does)
         prime_g = not g.primed and not torch.compiler.is_compiling() and torch.is_grad_enabled()
         fn = _FP8GELULinearFn if self.gelu_in else _FP8LinearFn
@@ -745,4 +761,5 @@ class FP8Attention(nn.Module):
             m.features = features
 
     def forward(self, q, k, v):
-        return fp8_attention(q, k, v, (self.q_meta, self.k_meta, self.v_meta, self.g_meta), record=self.training)
+        return fp8_attention(q, k, v, (self.q_meta, self.k_meta, self.v_meta, self.g_meta),
+                             record=self.training and not _recomputing)

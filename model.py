@@ -16,6 +16,7 @@ Every projection is a plain nn.Linear, so FP8 is a module swap at build time
 
 Usage:  model = GPT(PRESETS["tiny"]()); logits, loss = model(idx, targets)   # idx (B, T) int64
 """
+import contextlib
 import math
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -217,6 +218,17 @@ def use_fp8_gelu(model: nn.Module, recompute: bool = False) -> nn.Module:
     return model
 
 
+def use_recompute_attn(model: nn.Module) -> nn.Module:
+    """Activation checkpointing of each attention up to c_proj (train.py --recompute_attn=1): keep its input (the
+    pre-norm's output: 2 bytes per token and channel with --bf16_norms, else 4) instead of q, k, v and the attention
+    output (8 bytes, BF16) and c_attn's FP8 input copy (1 byte at levels >= 1); the backward re-runs c_attn and the
+    attention forward (about a third of the block's forward FLOPs at T = 2048, C = 2048)."""
+    for mod in model.modules():
+        if isinstance(mod, Attention):
+            mod.recompute = True
+    return model
+
+
 def use_bf16_norms(model: nn.Module) -> nn.Module:
     """Swap every norm that reads the float32 residual stream (the pre-norms and ln_f; not fog's post-norms,
     which read BF16 branch outputs and write the stream) for BF16Norm (train.py --bf16_norms=1)."""
@@ -237,6 +249,8 @@ class Attention(nn.Module):
         # cast with a fixed scale. Normalised before RoPE: a rotation keeps the bound.
         self.qk_norm = cfg.arch == "fog"
         self.q_tap, self.k_tap = nn.Identity(), nn.Identity()  # hook points of the health monitor
+        # True (use_recompute_attn): keep only x for the backward and recompute qkv and the attention from it
+        self.recompute = False
         self.rope = cfg.arch != "gpt2"
         if self.rope:
             cos, sin = rope_tables(cfg)
@@ -244,6 +258,12 @@ class Attention(nn.Module):
             self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, x):
+        if self.recompute and torch.is_grad_enabled():
+            return self.c_proj(recompute_in_backward(self._mix, x, self.dropout))
+        return self.c_proj(self._mix(x))
+
+    def _mix(self, x):
+        """x (B, T, C) -> the heads' attention outputs side by side (B, T, C): c_proj's input."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -255,8 +275,19 @@ class Attention(nn.Module):
             q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
         q, k = self.q_tap(q), self.k_tap(k)  # identity (the monitor hooks them): what the QK^T GEMM reads
         y = self.sdpa(q, k, v)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
-        return self.c_proj(y)
+        return y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
+
+
+def recompute_in_backward(fn: Callable, x: torch.Tensor, dropout: float) -> torch.Tensor:
+    """fn(x), keeping only x for the backward, which re-runs fn (torch.utils.checkpoint, non-reentrant). Eager, the
+    re-run is inside fp8.recomputing(): its FP8 casts record nothing twice. Compiled, the backward graph recomputes
+    the ops (the buffers' amax updates stay in the forward graph). The RNG state is saved and restored only with
+    dropout: nothing else in fn is random."""
+    from torch.utils.checkpoint import checkpoint as ckpt
+    if torch.compiler.is_compiling():
+        return ckpt(fn, x, use_reentrant=False, preserve_rng_state=dropout > 0)
+    return ckpt(fn, x, use_reentrant=False, preserve_rng_state=dropout > 0,
+                context_fn=lambda: (contextlib.nullcontext(), fp8.recomputing()))
 
 
 def swiglu_hidden(C: int) -> int:

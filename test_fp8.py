@@ -2754,6 +2754,91 @@ def test_tiny_trains_with_lean_memory_flags_like_without(data_dir, tmp_path):
     assert r["model"].head_chunk == 96
 
 
+# ---- attention recomputed in the backward (--recompute_attn=1, issue 6's memory)
+
+RC_B, RC_T, RC_C, RC_L = 2, 32, 32, 1  # small: the level-2 GEMMs run in the Triton interpreter in CI
+
+
+def _recompute_pair(level: int, arch: str):
+    """The same tiny model (BF16 norms) without and with use_recompute_attn; cast statistics counted."""
+    torch.manual_seed(0)
+    cfg = M.GPTConfig(n_layer=RC_L, n_head=1, n_embd=RC_C, block_size=RC_T, vocab_size=256, arch=arch)
+    a = M.use_bf16_norms(fp8.convert_to_fp8(M.GPT(cfg), level)).to(DEV)
+    b = M.use_recompute_attn(copy.deepcopy(a))
+    for m in (a, b):
+        fp8.count_cast_stats(m, True)
+    return a, b
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.element_size() == 1 else t
+
+
+@pytest.mark.parametrize("level,arch", [(0, "gpt2"), (0, "llama"), (0, "fog"), (2, "fog")])  # fog: RoPE + qk-norm
+def test_recompute_attn_is_bit_identical_and_keeps_less(level, arch):
+    """use_recompute_attn, eager: the same loss, gradients (FP8 gradient buffers included) and scaling state bit for
+    bit; the re-run casts record no amax or counts twice (the statistics match). Per block and token it keeps its
+    input (2 bytes per channel, BF16 norms) instead of q, k, v and the output (8 bytes) and, at level 2, c_attn's
+    FP8 input copy (1): at least 6 (level 0) / 7 (level 2) bytes per token and channel less (bench.saved_breakdown,
+    one storage counted once)."""
+    import bench
+    a, b = _recompute_pair(level, arch)
+    B, T, C, L = RC_B, RC_T, RC_C, RC_L
+    kept = {}
+    for step in range(2):  # the second step: primed scales, a non-empty amax history
+        idx = torch.randint(0, 256, (B, T), device=DEV)
+        if step and level:  # c_attn's input saturates: a cast counted twice would show in its statistics
+            for m in (a, b):
+                m.transformer.h[0].attn.c_attn.x_meta.scale.fill_(2.0 ** 10)
+                m.transformer.h[0].attn.c_attn.x_meta.scale_inv.fill_(2.0 ** -10)
+        for name, m in (("plain", a), ("recompute", b)):
+            fp8.zero_fp8_grads(m)
+            m.zero_grad()
+            kept[name] = bench.saved_breakdown(m, idx, DEV)["saved_bytes"]  # runs forward and backward
+        for (name, p), q in zip(a.named_parameters(), b.parameters()):
+            assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), name
+        for (name, x), y in zip(a.named_buffers(), b.named_buffers()):
+            assert torch.equal(_bits(x), _bits(y[1])), name  # FP8 gradients, amax histories, stats
+    assert level == 0 or a.transformer.h[0].attn.c_attn.x_meta.stats[0] > 0
+    assert kept["plain"] - kept["recompute"] >= (7 if level else 6) * B * T * C * L, kept
+
+
+def test_recompute_attn_traces_under_torch_compile():
+    """One graph (fullgraph) at level 2: the same loss, FP8 gradients and amax histories as eager, and the compiled
+    step keeps at least 7 bytes per token and channel less per block than compiled without it."""
+    import bench
+    torch._dynamo.reset()
+    a, b = _recompute_pair(2, "gpt2")
+    idx = torch.randint(0, 256, (RC_B, RC_T), device=DEV)
+    for m in (a, b):
+        m(idx, idx)[1].backward()  # eager first: primes the scales (a compiled first call would start from 1)
+        fp8.zero_fp8_grads(m)
+        m.zero_grad()
+    def activations(model) -> int:  # the compiled checkpoint also keeps the generator's state (CPU: 5 KB, constant)
+        r = bench.saved_breakdown(model, idx, DEV, top=100)
+        return r["saved_bytes"] - sum(n for key, _, n in r["top"] if key.endswith(" uint8"))
+    eager = copy.deepcopy(b)
+    kept_b = activations(torch.compile(b, backend="aot_eager", fullgraph=True))
+    kept_e = activations(eager)
+    for (name, x), y in zip(b.named_buffers(), eager.buffers()):
+        assert torch.equal(_bits(x), _bits(y)), name
+    for (name, p), q in zip(b.named_parameters(), eager.parameters()):
+        assert p.grad is None or torch.equal(p.grad, q.grad), name
+    torch._dynamo.reset()
+    kept_a = activations(torch.compile(a, backend="aot_eager", fullgraph=True))
+    assert kept_a - kept_b >= 7 * RC_B * RC_T * RC_C * RC_L and kept_e > 0, (kept_a, kept_b)
+
+
+def test_recompute_attn_flag_trains_identically(data_dir, tmp_path):
+    """--recompute_attn=1 at level 2: every attention recomputes, and the run is bit-identical to the default's."""
+    a = run(data_dir, tmp_path / "a", fp8_level=2, max_steps=4, eval_interval=2)
+    b = run(data_dir, tmp_path / "b", fp8_level=2, max_steps=4, eval_interval=2, recompute_attn=1)
+    attn = [m for m in b["model"].modules() if isinstance(m, M.Attention)]
+    assert attn and all(m.recompute for m in attn)
+    assert not any(m.recompute for m in a["model"].modules() if isinstance(m, M.Attention))
+    assert a["val_losses"] == b["val_losses"]
+
+
 def test_bench_saved_breakdown_cpu():
     """bench.saved_breakdown (bench.py saved) on the CPU, B=4, T=32, C=64, 4C=256, V=320: plain BF16 keeps each
     block's BF16 GELU input (4, 32, 256) and the float32 (128, 320) log-softmax; level 1 with the memory levers

@@ -56,6 +56,7 @@ class TrainConfig:
     # GELU output's FP8 copy recomputed in the backward (fp8.FP8Linear.gelu_in); levels >= 1
     bf16_norms: bool = False  # norms reading the float32 residual stream keep it for the backward in BF16 (model.BF16Norm)
     head_chunk: int = 0  # > 0: training loss in chunks of this many rows, no (B, T, V) logits kept (model.GPT.head)
+    recompute_attn: bool = False  # keep each attention's input only, the backward re-runs it (model.use_recompute_attn)
     keep_weight_t: bool = True  # 0: no (K, N) FP8 weight copy between steps, dgrad transposes (1 byte/param less)
     n_layer: int = 0  # model size overrides; 0 = the preset's
     n_head: int = 0
@@ -667,6 +668,8 @@ def build(cfg: TrainConfig, world: int, device: str, ckpt_path: str):
         M.use_fp8_gelu(raw, recompute=cfg.fp8_gelu == 2)
     if cfg.bf16_norms:
         M.use_bf16_norms(raw)
+    if cfg.recompute_attn:
+        M.use_recompute_attn(raw)
     raw.head_chunk = cfg.head_chunk
     rank = dist.get_rank() if world > 1 else 0
     fc = FP8Comm.needed(raw, cfg.fp8_level, rank, world)
