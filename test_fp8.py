@@ -2759,11 +2759,13 @@ def test_tiny_trains_with_lean_memory_flags_like_without(data_dir, tmp_path):
 RC_B, RC_T, RC_C, RC_L = 2, 32, 32, 1  # small: the level-2 GEMMs run in the Triton interpreter in CI
 
 
-def _recompute_pair(level: int, arch: str):
+def _recompute_pair(level: int, arch: str, fp8_attention: bool = False):
     """The same tiny model (BF16 norms) without and with use_recompute_attn; cast statistics counted."""
     torch.manual_seed(0)
     cfg = M.GPTConfig(n_layer=RC_L, n_head=1, n_embd=RC_C, block_size=RC_T, vocab_size=256, arch=arch)
     a = M.use_bf16_norms(fp8.convert_to_fp8(M.GPT(cfg), level)).to(DEV)
+    if fp8_attention:
+        a = M.use_fp8_attention(a)
     b = M.use_recompute_attn(copy.deepcopy(a))
     for m in (a, b):
         fp8.count_cast_stats(m, True)
@@ -2774,23 +2776,26 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.element_size() == 1 else t
 
 
-@pytest.mark.parametrize("level,arch", [(0, "gpt2"), (0, "llama"), (0, "fog"), (2, "fog")])  # fog: RoPE + qk-norm
-def test_recompute_attn_is_bit_identical_and_keeps_less(level, arch):
+@pytest.mark.parametrize("level,arch,fa", [(0, "gpt2", 0), (0, "llama", 0), (0, "fog", 0), (2, "fog", 0),  # fog: RoPE
+                                           (2, "gpt2", 1)])  # + qk-norm; fa: FP8 attention inside the re-run
+def test_recompute_attn_is_bit_identical_and_keeps_less(level, arch, fa):
     """use_recompute_attn, eager: the same loss, gradients (FP8 gradient buffers included) and scaling state bit for
     bit; the re-run casts record no amax or counts twice (the statistics match). Per block and token it keeps its
     input (2 bytes per channel, BF16 norms) instead of q, k, v and the output (8 bytes) and, at level 2, c_attn's
     FP8 input copy (1): at least 6 (level 0) / 7 (level 2) bytes per token and channel less (bench.saved_breakdown,
-    one storage counted once)."""
+    one storage counted once). FP8 attention keeps q, k, v in FP8 with transposed copies (5) and its output (2): 6."""
     import bench
-    a, b = _recompute_pair(level, arch)
+    a, b = _recompute_pair(level, arch, bool(fa))
     B, T, C, L = RC_B, RC_T, RC_C, RC_L
     kept = {}
     for step in range(2):  # the second step: primed scales, a non-empty amax history
         idx = torch.randint(0, 256, (B, T), device=DEV)
         if step and level:  # c_attn's input saturates: a cast counted twice would show in its statistics
             for m in (a, b):
-                m.transformer.h[0].attn.c_attn.x_meta.scale.fill_(2.0 ** 10)
-                m.transformer.h[0].attn.c_attn.x_meta.scale_inv.fill_(2.0 ** -10)
+                attn = m.transformer.h[0].attn
+                for meta, e in [(attn.c_attn.x_meta, 10)] + ([(attn.sdpa.q_meta, 14)] if fa else []):  # q ~ 0.1
+                    meta.scale.fill_(2.0 ** e)
+                    meta.scale_inv.fill_(2.0 ** -e)
         for name, m in (("plain", a), ("recompute", b)):
             fp8.zero_fp8_grads(m)
             m.zero_grad()
@@ -2800,7 +2805,8 @@ def test_recompute_attn_is_bit_identical_and_keeps_less(level, arch):
         for (name, x), y in zip(a.named_buffers(), b.named_buffers()):
             assert torch.equal(_bits(x), _bits(y[1])), name  # FP8 gradients, amax histories, stats
     assert level == 0 or a.transformer.h[0].attn.c_attn.x_meta.stats[0] > 0
-    assert kept["plain"] - kept["recompute"] >= (7 if level else 6) * B * T * C * L, kept
+    assert not fa or a.transformer.h[0].attn.sdpa.q_meta.stats[0] > 0
+    assert kept["plain"] - kept["recompute"] >= (7 if level and not fa else 6) * B * T * C * L, kept
 
 
 def test_recompute_attn_traces_under_torch_compile():
