@@ -288,8 +288,9 @@ def _time_step(preset, B, T, level, compile_, graph, steps, profile=False, extra
                 step(100 + i)
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=PROFILE_ROWS, max_name_column_width=70))
+    peak = TR.peak_flops("cuda", 0 if level == 0 else 1)  # torchao (level -1) runs FP8 GEMMs: the FP8 peak
     r = {"ms": ms, "tok_s": B * T / ms * 1e3, "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
-         "loss": loss.item(), "mfu": raw.flops_per_token(T) * B * T / (ms / 1e3) / TR.peak_flops("cuda", 0 if level == 0 else 1)}  # torchao: FP8 GEMMs, FP8 peak
+         "loss": loss.item(), "mfu": raw.flops_per_token(T) * B * T / (ms / 1e3) / peak}
     del raw, model, opt, params, stepper
     torch.cuda.empty_cache()
     return r
