@@ -213,18 +213,17 @@ def _(a, b, a_scale_inv, b_scale_inv, out_dtype, bias, precise):
     return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
 
 
-# (optional mutable arguments confuse inductor's re-inplacing in torch 2.11: the wgrad variant, which
-# adds the running FP8 sum and takes the amax, is its own op with required arguments)
-@torch.library.custom_op("nanofp8::gemm_acc_fp8", mutates_args=("amax_out",))
-def _gemm_acc_op(a: torch.Tensor, b: torch.Tensor, a_scale_inv: torch.Tensor, b_scale_inv: torch.Tensor,
-                 prev: torch.Tensor, prev_scale_inv: torch.Tensor, amax_out: torch.Tensor, precise: bool) -> torch.Tensor:
-    return kernels.fp8_gemm(a, b, a_scale_inv, b_scale_inv, torch.float32, acc_fp8=(prev, prev_scale_inv),
-                            amax_out=amax_out, precise=precise)
+# (optional mutable arguments confuse inductor's re-inplacing in torch 2.11: the weight gradient's GEMM, which
+# adds the running FP8 sum and re-quantizes it, is its own op with required arguments)
+@torch.library.custom_op("nanofp8::grad_accumulate", mutates_args=("grad_fp8", "grad_scale_inv", "grad_amax"))
+def _grad_acc_op(grad_fp8: torch.Tensor, grad_scale_inv: torch.Tensor, grad_amax: torch.Tensor, a: torch.Tensor,
+                 b: torch.Tensor, a_scale_inv: torch.Tensor, b_scale_inv: torch.Tensor, precise: bool) -> None:
+    kernels.fp8_grad_accumulate(grad_fp8, grad_scale_inv, grad_amax, a, b, a_scale_inv, b_scale_inv, precise)
 
 
-@_gemm_acc_op.register_fake
-def _(a, b, a_scale_inv, b_scale_inv, prev, prev_scale_inv, amax_out, precise):
-    return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.float32)
+@_grad_acc_op.register_fake
+def _(grad_fp8, grad_scale_inv, grad_amax, a, b, a_scale_inv, b_scale_inv, precise):
+    return None
 
 
 @torch.library.custom_op("nanofp8::gelu_fwd", mutates_args=("a_amax", "a_stats"))
@@ -303,14 +302,10 @@ def gelu_bwd(h8, h_si, grad, x_dtype, a_scale=None, pad_t=1):
     return kernels.gelu_fp8_bwd(h8, h_si, grad, x_dtype, a_scale, pad_t)
 
 
-def gemm(a, b, a_scale_inv, b_scale_inv, out_dtype=torch.bfloat16, bias=None, acc_fp8=None, amax_out=None,
-         precise=False):
+def gemm(a, b, a_scale_inv, b_scale_inv, out_dtype=torch.bfloat16, bias=None, precise=False):
     if torch.compiler.is_compiling():
-        if acc_fp8 is not None:
-            return _gemm_acc_op(a, b, a_scale_inv, b_scale_inv, *acc_fp8, amax_out, precise)
         return _gemm_op(a, b, a_scale_inv, b_scale_inv, out_dtype, bias, precise)
-    return kernels.fp8_gemm(a, b, a_scale_inv, b_scale_inv, out_dtype, bias, acc_fp8=acc_fp8, amax_out=amax_out,
-                            precise=precise)
+    return kernels.fp8_gemm(a, b, a_scale_inv, b_scale_inv, out_dtype, bias, precise=precise)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,12 +323,13 @@ def cast_weight(w: torch.Tensor, w_fp8: torch.Tensor, w_si: torch.Tensor, w_amax
 
 @torch.no_grad()
 def accumulate_fp8_grad(grad_fp8, grad_scale_inv, grad_amax, g_t, g_si, x_t, x_si, precise=False):
-    """grad (N, K) += g_t (N, Mp) @ x_t (K, Mp)^T, kept as FP8 E4M3 + scale. The GEMM epilogue adds
-    the running FP8 sum and takes the amax of the result; a just-in-time cast re-quantizes it."""
-    grad_amax.zero_()
-    acc = gemm(g_t, x_t, g_si, x_si, torch.float32, acc_fp8=(grad_fp8, grad_scale_inv), amax_out=grad_amax,
-               precise=precise)
-    cast_jit(acc, grad_amax, grad_fp8, grad_scale_inv)  # NaN/Inf in grad_amax: the trainer skips the step
+    """grad (N, K) += g_t (N, Mp) @ x_t (K, Mp)^T, kept as FP8 E4M3 + scale (kernels.fp8_grad_accumulate: the
+    running FP8 sum is added to the product, the amax of the result taken, and a just-in-time cast re-quantizes it).
+    Custom op under torch.compile."""
+    if torch.compiler.is_compiling():
+        _grad_acc_op(grad_fp8, grad_scale_inv, grad_amax, g_t, x_t, g_si, x_si, precise)
+    else:
+        kernels.fp8_grad_accumulate(grad_fp8, grad_scale_inv, grad_amax, g_t, x_t, g_si, x_si, precise)
 
 
 class _FP8LinearFn(torch.autograd.Function):

@@ -103,14 +103,14 @@ def _pow2_scale(amax, FMAX_EXP: tl.constexpr, FMAX_MANT: tl.constexpr, MARGIN: t
 
 @triton.jit
 def _cast_kernel(
-    x_ptr, y_ptr, yt_ptr, scale_ptr, amax_ptr, stats_ptr, scale_inv_ptr, colsum_ptr,  # pointers
+    x_ptr, y_ptr, yt_ptr, scale_ptr, amax_ptr, stats_ptr, scale_inv_ptr, colsum_ptr, prev_ptr, prev_si_ptr,  # pointers
     M, N, MT,  # sizes: x is (M, N); y_t is (N, MT) with MT >= M, columns M..MT-1 zero-filled
     stride_xm, stride_xn,  # strides of x (y and y_t are contiguous)
     FP8_MAX: tl.constexpr, FP8_MIN_SUB: tl.constexpr,  # largest value, smallest subnormal of the format
     TRANSPOSE: tl.constexpr, HAS_AMAX: tl.constexpr, HAS_STATS: tl.constexpr, HAS_COLSUM: tl.constexpr,
     JIT_SCALE: tl.constexpr, FMAX_EXP: tl.constexpr, FMAX_MANT: tl.constexpr, MARGIN: tl.constexpr,
     SOFT_CVT: tl.constexpr, MANT: tl.constexpr, MIN_EXP: tl.constexpr,  # see _soft_fp8
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_PREV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -119,6 +119,8 @@ def _cast_kernel(
     in_x = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=in_x, other=0.0)
     x = x.to(tl.float32)
+    if HAS_PREV:  # x += prev * prev_si (a running FP8 sum, contiguous (M, N); prev_si 0: empty)
+        x += _dequant_prev(prev_ptr, prev_si_ptr, offs_m[:, None] * N + offs_n[None, :], in_x)
     if HAS_COLSUM:  # per-block column sums of x (the bias gradient when x is grad_output), summed later
         tl.store(colsum_ptr + pid_m * N + offs_n, tl.sum(x, axis=0), mask=offs_n < N)
     if JIT_SCALE:
@@ -153,20 +155,50 @@ def _cast_kernel(
 
 
 @triton.jit
-def _amax_kernel(x_ptr, amax_ptr, n, BLOCK: tl.constexpr):
+def _dequant_prev(prev_ptr, prev_si_ptr, offs, mask):
+    """prev * prev_si in float32 (0 where prev_si is 0: an empty running sum, whatever its bytes hold)."""
+    psi = tl.load(prev_si_ptr)
+    p = tl.load(prev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return tl.where(psi != 0, p * psi, 0.0)
+
+
+@triton.jit
+def _amax_kernel(x_ptr, amax_ptr, prev_ptr, prev_si_ptr, n, HAS_PREV: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    if HAS_PREV:
+        x += _dequant_prev(prev_ptr, prev_si_ptr, offs, offs < n)
     tl.atomic_max(amax_ptr, tl.max(tl.where(x == x, tl.abs(x), float("inf")), axis=0))
 
 
-def amax_into(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    """amax (float32, 1 element) = max(amax, max|x|), NaN counted as inf; x contiguous."""
+def _with_prev_ref(x: torch.Tensor, prev) -> torch.Tensor:
+    """x + prev[0] * prev[1] in float32 (prev[1] == 0: x alone); prev None: x."""
+    if prev is None:
+        return x
+    p, psi = prev
+    return x.float() + torch.where(psi != 0, p.float() * psi, torch.zeros_like(psi))
+
+
+def _check_prev(x: torch.Tensor, prev) -> None:
+    if prev is not None:
+        p, psi = prev
+        assert p.shape == x.shape and p.is_contiguous() and p.dtype in FP8_DTYPES, "prev: an FP8 tensor shaped as x"
+        assert psi.numel() == 1 and psi.dtype == torch.float32
+
+
+def amax_into(x: torch.Tensor, amax: torch.Tensor, prev: Optional[tuple] = None) -> torch.Tensor:
+    """amax (float32, 1 element) = max(amax, max|x|), NaN counted as inf; x contiguous.
+    prev=(FP8 tensor shaped as x, its scale_inv): the amax of x + prev * scale_inv (0: prev is empty)."""
     assert x.is_contiguous() and amax.numel() == 1 and amax.dtype == torch.float32
+    _check_prev(x, prev)
     if not use_triton(x):
+        x = _with_prev_ref(x, prev)
         ax = torch.where(torch.isnan(x), float("inf"), x.float().abs())
         return amax.copy_(torch.maximum(amax, ax.amax().reshape(amax.shape) if x.numel() else amax))
     BLOCK = 4096 if not INTERPRET else 256
-    _amax_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, amax, x.numel(), BLOCK=BLOCK, num_warps=8 if not INTERPRET else 1)
+    p, psi = prev if prev is not None else (x, amax)
+    _amax_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, amax, p, psi, x.numel(), HAS_PREV=prev is not None,
+                                                    BLOCK=BLOCK, num_warps=8 if not INTERPRET else 1)
     return amax
 
 
@@ -196,9 +228,9 @@ CAST_TILE_COLSUM = (128, 64, 4)
 
 
 def cast_to_fp8_ref(x, fp8_dtype, scale, amax=None, transpose=False, pad_t=1, stats=None, out=None,
-                    scale_inv_out=None, margin=0, colsum_out=None):
+                    scale_inv_out=None, margin=0, colsum_out=None, prev=None):
     """Pure-torch reference of cast_to_fp8 (same arguments and results)."""
-    xf = x.float()
+    xf = _with_prev_ref(x, prev).float()
     if colsum_out is not None:
         torch.sum(xf, 0, out=colsum_out)
     if scale is None:  # just-in-time scale from the amax given
@@ -236,6 +268,7 @@ def cast_to_fp8(
     scale_inv_out: Optional[torch.Tensor] = None,
     margin: int = 0,
     colsum_out: Optional[torch.Tensor] = None,
+    prev: Optional[tuple] = None,
 ):
     """x (M, N) HP -> (x_fp8 (M, N), x_fp8_t (N, round_up(M, pad_t)) or None).
 
@@ -244,6 +277,9 @@ def cast_to_fp8(
     (amax_into, or a GEMM epilogue), the kernel derives the power-of-two scale and writes 1/scale to
     scale_inv_out. stats: int32 tensor of 2, += (#saturated, #flushed to 0). out: preallocated y.
     colsum_out (N,) float32 = x.sum(0) from the same read (the bias gradient of a linear), deterministic.
+    prev=(FP8 (M, N) contiguous, scale_inv): casts x + prev * scale_inv (0: empty) instead of x, the re-quantization
+    of a running FP8 sum; out may be prev itself (each program reads its tile before writing it), but prev's
+    scale_inv must not be scale_inv_out (program (0, 0) writes that while the others still read it).
     """
     assert x.dim() == 2, f"cast_to_fp8 takes a 2-D tensor, got shape {tuple(x.shape)}"
     assert x.dtype in HP_DTYPES, f"cast_to_fp8 reads float32/bfloat16/float16, got {x.dtype}"
@@ -257,9 +293,11 @@ def cast_to_fp8(
     assert stats is None or (stats.numel() == 2 and stats.dtype == torch.int32)
     assert out is None or (out.shape == x.shape and out.dtype == fp8_dtype and out.is_contiguous())
     assert colsum_out is None or (colsum_out.shape == (x.shape[1],) and colsum_out.dtype == torch.float32)
+    _check_prev(x, prev)
+    assert prev is None or prev[1] is not scale_inv_out, "prev's scale_inv is read while scale_inv_out is written"
     if not use_triton(x):
         return cast_to_fp8_ref(x, fp8_dtype, scale, amax, transpose, pad_t, stats, out, scale_inv_out, margin,
-                               colsum_out)
+                               colsum_out, prev)
     M, N = x.shape
     MT = round_up(M, pad_t) if transpose else M
     y = out if out is not None else torch.empty(M, N, dtype=fp8_dtype, device=x.device)
@@ -275,12 +313,13 @@ def cast_to_fp8(
     _cast_kernel[grid](
         x, y, y_t if transpose else y, scale if not jit else dummy, dummy,
         stats if stats is not None else dummy, scale_inv_out if jit else dummy, partial,
+        *(prev if prev is not None else (y, dummy)),
         M, N, MT, x.stride(0), x.stride(1),
         FP8_MAX=fi.max, FP8_MIN_SUB=fi.smallest_normal * fi.eps,
         TRANSPOSE=transpose, HAS_AMAX=amax is not None and not jit, HAS_STATS=stats is not None,
         HAS_COLSUM=colsum_out is not None, JIT_SCALE=jit, FMAX_EXP=fe, FMAX_MANT=fm, MARGIN=margin,
-        SOFT_CVT=INTERPRET or x.dtype == torch.float32, MANT=3 if fp8_dtype == E4M3 else 2,
-        MIN_EXP=-6 if fp8_dtype == E4M3 else -14,
+        SOFT_CVT=INTERPRET or x.dtype == torch.float32 or prev is not None, MANT=3 if fp8_dtype == E4M3 else 2,
+        MIN_EXP=-6 if fp8_dtype == E4M3 else -14, HAS_PREV=prev is not None,
         BLOCK_M=BM, BLOCK_N=BN, num_warps=warps,
     )
     if colsum_out is not None:
@@ -692,6 +731,47 @@ def _scaled_mm(a, b, a_si, b_si, out_dtype, bias):
     if bias is not None:
         kw["bias"] = bias.to(out_dtype)
     return torch._scaled_mm(a, b.t(), **kw)
+
+
+# The weight gradient's GEMM (K = the token count, M x N = the weight: 768 x 768 .. 3072 at 124M) goes to cuBLAS on
+# the GPU: it splits K when there are fewer output tiles than SMs, which the persistent kernel above does not, and its
+# accumulating mode (use_fast_accum=False) promotes the MMA sums at ~1230-1290 TFLOP/s where Triton's
+# max_num_imprecise_acc reaches ~1000-1070 (H100, docs/logs/cublas_precise_wgrad_shapes.log: 2304x768x16384 ran at 176
+# TFLOP/s precise on the persistent kernel, 1240 on cuBLAS; `bench.py gemm --gemm_shapes 2304x768x16384`, cublasP). NANOFP8_WGRAD=triton keeps it on the Triton kernel.
+WGRAD_BACKEND = os.environ.get("NANOFP8_WGRAD", "cublas")
+
+
+def _cublas_fp8_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """cuBLAS FP8 (torch._scaled_mm) takes these: Hopper, every dimension a multiple of 16, nothing empty."""
+    if not a.is_cuda or INTERPRET or not _device_info(a.device.index or 0)[0]:
+        return False
+    return all(d % 16 == 0 and d > 0 for d in (*a.shape, b.shape[0]))
+
+
+def fp8_grad_accumulate(grad_fp8: torch.Tensor, grad_si: torch.Tensor, grad_amax: torch.Tensor, a: torch.Tensor,
+                        b: torch.Tensor, a_si: torch.Tensor, b_si: torch.Tensor, precise: bool = False,
+                        backend: Optional[str] = None) -> torch.Tensor:
+    """The weight gradient's FP8 running sum, in place: grad_fp8 (M, N) with scale_inv grad_si (0: empty) becomes
+    FP8(grad_fp8 * grad_si + a @ b^T * a_si * b_si) with a just-in-time power-of-two scale written to grad_si, and
+    grad_amax = max|that sum| (NaN/Inf there: the trainer skips the step). a (M, K), b (N, K) FP8, K-major.
+
+    backend "triton": the GEMM epilogue adds the running sum and takes the amax (FP32 out), a cast follows.
+    backend "cublas" (default where _cublas_fp8_ok): torch._scaled_mm writes the product in BF16, then one pass takes
+    the amax of product + running sum and a second casts it. The product is rounded twice (BF16's 8 bits, then
+    E4M3's 3): a result differs from one rounding only when the BF16 value lands exactly on an E4M3 tie."""
+    backend = backend or WGRAD_BACKEND
+    assert backend in ("cublas", "triton"), f"wgrad backend: cublas or triton, got {backend!r}"
+    grad_amax.zero_()
+    if backend == "cublas" and _cublas_fp8_ok(a, b):
+        c = torch._scaled_mm(a, b.t(), scale_a=a_si.reshape(()), scale_b=b_si.reshape(()), out_dtype=torch.bfloat16,
+                             use_fast_accum=not precise)
+        prev = (grad_fp8, grad_si.clone())  # the cast writes grad_si while its programs read the old one
+        amax_into(c, grad_amax, prev)
+        cast_to_fp8(c, grad_fp8.dtype, None, grad_amax, out=grad_fp8, scale_inv_out=grad_si, prev=prev)
+        return grad_fp8
+    acc = fp8_gemm(a, b, a_si, b_si, torch.float32, acc_fp8=(grad_fp8, grad_si), amax_out=grad_amax, precise=precise)
+    cast_to_fp8(acc, grad_fp8.dtype, None, grad_amax, out=grad_fp8, scale_inv_out=grad_si)
+    return grad_fp8
 
 
 def fp8_gemm(

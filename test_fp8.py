@@ -348,6 +348,102 @@ def test_gemm_precise_accumulation():
         (rel_err(ref, precise), rel_err(ref, fast))
 
 
+@needs_triton
+def test_cast_and_amax_add_a_running_fp8_sum():
+    """amax_into / cast_to_fp8 with prev=(FP8 running sum, its scale_inv) work on x + prev * scale_inv, in place
+    (out is prev): the cuBLAS weight-gradient path re-quantizes its running sum this way. Bit-equal to the torch
+    reference; scale_inv 0 ignores prev's bytes (NaN there included); NaN in x reaches the amax as inf."""
+    M, N = shapes((40, 72), (1000, 776))
+    x = torch.randn(M, N, device=DEV).to(torch.bfloat16)
+    for prev_si in (0.0, 0.125):
+        prev0 = _rand_fp8((M, N), E4M3)
+        if not prev_si:
+            prev0.view(torch.uint8)[0, :3] = 0x7F  # NaN bytes: must not matter while the sum is empty
+        psi = torch.tensor([prev_si], device=DEV)
+        want = x.float() + (prev0.float() * prev_si if prev_si else 0.0)
+        amax = torch.zeros(1, device=DEV)
+        kernels.amax_into(x, amax, (prev0, psi))
+        assert amax.item() == want.abs().max().item()
+        prev, si = prev0.clone(), torch.zeros(1, device=DEV)
+        y, _ = kernels.cast_to_fp8(x, E4M3, None, amax, out=prev, scale_inv_out=si, prev=(prev, psi))
+        si_ref = torch.zeros(1, device=DEV)
+        y_ref, _ = kernels.cast_to_fp8_ref(want, E4M3, None, amax, scale_inv_out=si_ref)
+        assert y.data_ptr() == prev.data_ptr() and si.item() == si_ref.item()
+        assert _bits_equal(y, y_ref)
+    x[3, 5] = float("nan")
+    amax = torch.zeros(1, device=DEV)
+    kernels.amax_into(x, amax, (prev0, torch.tensor([0.125], device=DEV)))
+    assert amax.item() == float("inf")
+    with pytest.raises(AssertionError, match="scale_inv"):  # the cast would overwrite the scale it reads
+        kernels.cast_to_fp8(x, E4M3, None, amax, out=prev0, scale_inv_out=si, prev=(prev0, si))
+
+
+# cuBLAS's product is rounded to BF16 (2^-9 relative) before the sum is cast to E4M3. Where that moves the sum across
+# an E4M3 rounding midpoint the two backends are one E4M3 step apart (2^-3 of the value at most; plus the smallest
+# subnormal, 2^-9 x scale_inv, twice: 2^-8), once per micro-batch: the second sum adds the first one's running sums, which may
+# already be a step apart (2^-3 of the first product); where the running sum and the product cancel, the product's
+# rounding is what's left (2^-8 of the two products: 2^-9 each, and once more for the cast).
+WGRAD_BACKEND_STEP = 2.0 ** -3
+WGRAD_BACKEND_BF16 = 2.0 ** -8
+# fraction of bit-equal elements: 1/16 of FP32 sums (BF16 step / E4M3 step, 2^-7 / 2^-3) land within half a BF16
+# step of an E4M3 midpoint, about half of those round the other way; 6.4% differed on the H100 (call 35)
+WGRAD_BACKEND_MIN_EQUAL = 0.9
+WGRAD_BACKEND_SQNR_DB = 0.2  # the BF16 rounding's noise is ~50 dB below E4M3's (~31 dB): the SQNRs barely move
+WGRAD_BF16_AMAX_TOL = 2.0 ** -8  # the amax of the BF16 product: its rounding (2^-9 relative) and the FP32 sum's
+
+
+@needs_gpu
+@pytest.mark.parametrize("N, K", [(768, 2304), (256, 192), (40, 72)])  # 40 x 72: not cuBLAS-able, Triton serves it
+def test_grad_accumulate_cublas_matches_triton(N, K):
+    """kernels.fp8_grad_accumulate: the cuBLAS backend (BF16 product, then amax and cast with the running sum) and
+    the Triton one (FP32 epilogue) agree over two micro-batches, both near the float64 sum."""
+    Mp = 4096
+    outs = {}
+    for backend in ("triton", "cublas"):
+        torch.manual_seed(0)
+        grad, si, amax = torch.zeros(N, K, dtype=E4M3, device=DEV), torch.zeros(1, device=DEV), torch.zeros(1, device=DEV)
+        ref = torch.zeros(N, K, dtype=torch.float64, device=DEV)
+        size = torch.zeros(N, K, dtype=torch.float64, device=DEV)  # |product 1| + |product 2|
+        first = size
+        for step in range(2):
+            g, x = _rand_fp8((N, Mp), E5M2), _rand_fp8((K, Mp), E4M3)
+            g_si, x_si = torch.tensor([2.0 ** -4], device=DEV), torch.tensor([2.0 ** -3], device=DEV)
+            kernels.fp8_grad_accumulate(grad, si, amax, g, x, g_si, x_si, precise=True, backend=backend)
+            p = (g.double() @ x.double().t()) * 2.0 ** -7
+            ref, size = ref + p, size + p.abs()
+            if step == 0:
+                first = p.abs() * (1 + 2.0 ** -4)  # its E4M3 sum: up to half a step more
+        outs[backend] = (grad.double() * si.double(), si.clone(), amax.clone())
+        assert sqnr(ref, outs[backend][0]) > 25, backend  # E4M3: ~31 dB on Gaussian data
+        assert torch.isclose(amax.double(), ref.abs().max(), rtol=2 ** -6).item(), backend
+    (gt, st, at), (gc, sc, ac) = outs["triton"], outs["cublas"]
+    assert st.item() == sc.item(), (st.item(), sc.item(), at.item(), ac.item())
+    bound = WGRAD_BACKEND_STEP * (torch.maximum(gt.abs(), gc.abs()) + first) + WGRAD_BACKEND_BF16 * size + \
+        2.0 ** -8 * st.item()
+    assert ((gt - gc).abs() <= bound).all(), ((gt - gc).abs() - bound).max().item()
+    equal = (gt == gc).double().mean().item()
+    assert equal >= WGRAD_BACKEND_MIN_EQUAL and abs(sqnr(ref, gc) - sqnr(ref, gt)) < WGRAD_BACKEND_SQNR_DB, \
+        (equal, sqnr(ref, gc), sqnr(ref, gt))
+
+
+@needs_gpu
+def test_grad_accumulate_cublas_precise_at_weight_gradient_k():
+    """At K = 16384 tokens the cuBLAS backend's accumulating mode (precise=True) is no worse than its fast one and
+    near float64 (seen through the amax, which the E4M3 cast does not round), with the offset inputs of
+    test_gemm_precise_accumulation, whose growing sums a short accumulator rounds most."""
+    N, K, Mp = 256, 256, 16384
+    a = (_rand_fp8((N, Mp), E5M2, 0.3).float() + 2.0).to(E5M2)
+    b = (_rand_fp8((K, Mp), E4M3, 0.3).float() + 2.0).to(E4M3)
+    si = torch.tensor([2.0 ** -8], device=DEV)
+    ref = (a.double() @ b.double().t()) * 2.0 ** -16
+    errs = {}
+    for precise in (False, True):
+        grad, gsi, amax = torch.zeros(N, K, dtype=E4M3, device=DEV), torch.zeros(1, device=DEV), torch.zeros(1, device=DEV)
+        kernels.fp8_grad_accumulate(grad, gsi, amax, a, b, si, si, precise=precise, backend="cublas")
+        errs[precise] = abs(amax.item() - ref.abs().max().item()) / ref.abs().max().item()
+    assert errs[True] <= errs[False] and errs[True] < WGRAD_BF16_AMAX_TOL, errs
+
+
 def test_precise_gemm_configs_share_one_promotion_interval():
     """Precise sums depend on BLOCK_K (one promotion per K tile): the autotuner may pick only configs whose
     BLOCK_K is PRECISE_K, else two processes (timing noise) could sum in different chunks."""
@@ -377,19 +473,27 @@ def test_autotune_off_keeps_one_config_per_kernel():
 
 @pytest.mark.parametrize("policy", list(fp8.PRECISE_ACC))
 def test_linear_precise_acc_reaches_each_gemm(policy, monkeypatch):
-    """FP8Linear.precise_acc (train.py --precise_acc) picks the forward, dgrad and wgrad GEMMs that promote."""
-    seen = []
-    real = kernels.fp8_gemm
+    """FP8Linear.precise_acc (train.py --precise_acc) picks the forward, dgrad and wgrad GEMMs that promote: on the
+    Triton kernel (every GEMM), and for the wgrad on cuBLAS too (use_fast_accum off where it promotes; GPU)."""
+    real_gemm, real_mm = kernels.fp8_gemm, torch._scaled_mm
+    for backend in ("triton", "cublas") if CUDA else ("triton",):
+        seen = []
 
-    def spy(*args, **kw):
-        seen.append(kw.get("precise", False))
-        return real(*args, **kw)
-    monkeypatch.setattr(kernels, "fp8_gemm", spy)
-    m = fp8.FP8Linear(32, 48, device=DEV)
-    m.precise_acc = fp8.PRECISE_ACC[policy]
-    x = torch.randn(4, 32, device=DEV, requires_grad=True)
-    m(x).sum().backward()
-    assert tuple(seen) == fp8.PRECISE_ACC[policy]  # fwd, dgrad, wgrad: the order the GEMMs run
+        def spy(*args, **kw):
+            seen.append(kw.get("precise", False))
+            return real_gemm(*args, **kw)
+
+        def spy_mm(*args, **kw):
+            seen.append(not kw["use_fast_accum"])
+            return real_mm(*args, **kw)
+        monkeypatch.setattr(kernels, "fp8_gemm", spy)
+        monkeypatch.setattr(torch, "_scaled_mm", spy_mm)
+        monkeypatch.setattr(kernels, "WGRAD_BACKEND", backend)
+        m = fp8.FP8Linear(32, 48, device=DEV)
+        m.precise_acc = fp8.PRECISE_ACC[policy]
+        x = torch.randn(4, 32, device=DEV, requires_grad=True)
+        m(x).sum().backward()
+        assert tuple(seen) == fp8.PRECISE_ACC[policy], backend  # fwd, dgrad, wgrad: the order the GEMMs run
 
 
 @needs_gpu
