@@ -252,6 +252,45 @@ def _(h8, h_si, grad, x_dtype, a_scale, want_a_t, pad_t):
     return grad.new_empty(grad.shape), h8.new_empty((N, kernels.round_up(M, pad_t)) if want_a_t else (0,))
 
 
+@torch.library.custom_op("nanofp8::gelu_cast", mutates_args=("a_amax", "a_stats"))
+def _gelu_cast_op(h: torch.Tensor, a_scale: torch.Tensor, a_amax: torch.Tensor, a_stats: torch.Tensor, record: bool,
+                  count: bool, pad_t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return kernels.gelu_cast_fwd(h, a_scale, a_amax if record else None, a_stats if count else None, pad_t)
+
+
+@_gelu_cast_op.register_fake
+def _(h, a_scale, a_amax, a_stats, record, count, pad_t):
+    M, N = h.shape
+    return h.new_empty((M, N), dtype=E4M3), h.new_empty((N, kernels.round_up(M, pad_t)), dtype=E4M3)
+
+
+@torch.library.custom_op("nanofp8::gelu_bwd_hp", mutates_args=())
+def _gelu_bwd_hp_op(h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return kernels.gelu_bwd(h, grad)
+
+
+@_gelu_bwd_hp_op.register_fake
+def _(h, grad):
+    return grad.new_empty(grad.shape)
+
+
+def gelu_cast(h2, scale, amax, stats, pad_t):
+    """kernels.gelu_cast_fwd of (M, K) rows: (FP8(GELU(h)), its transposed copy). Custom op under torch.compile."""
+    if torch.compiler.is_compiling():
+        dummy = scale.new_zeros(1)
+        return _gelu_cast_op(h2, scale, amax if amax is not None else dummy,
+                             stats if stats is not None else dummy.new_zeros(2, dtype=torch.int32),
+                             amax is not None, stats is not None, pad_t)
+    return kernels.gelu_cast_fwd(h2, scale, amax, stats, pad_t)
+
+
+def gelu_bwd_hp(h2, grad):
+    """kernels.gelu_bwd: grad * GELU'(h). Custom op under torch.compile."""
+    if torch.compiler.is_compiling():
+        return _gelu_bwd_hp_op(h2, grad)
+    return kernels.gelu_bwd(h2, grad)
+
+
 def cast(x, fp8_dtype, scale, amax, stats, transpose=False, pad_t=1, colsum_out=None):
     """Delayed-scaling cast (records amax); custom op under torch.compile, direct call in eager."""
     if torch.compiler.is_compiling():
@@ -427,6 +466,9 @@ class FP8Linear(nn.Linear):
         # True: the input is the MLP's pre-activation h, this layer applies tanh-GELU first and keeps only h (in
         # FP8) for the backward (_FP8GELULinearFn; model.use_fp8_gelu(recompute=True), --fp8_gelu=2)
         self.gelu_in = False
+        # with gelu_in: the GELU fused into the input cast instead, h kept as it is (_FP8GELUCastLinearFn;
+        # model.use_fp8_gelu(fused_cast=True), --fp8_gelu=3)
+        self.gelu_cast = False
 
     def fp8_weight(self):
         """(w_fp8 (N, K), w_fp8_t (K, N), scale_inv). Kept by the optimizer (FP8AdamW): as it wrote them.
@@ -469,7 +511,7 @@ class FP8Linear(nn.Linear):
         record = self.training and not _recomputing  # eval forwards must not steer the training scales
         # under torch.compile a model that was never run eagerly starts from scale 1 (as TE does)
         prime_g = not g.primed and not torch.compiler.is_compiling() and torch.is_grad_enabled()
-        fn = _FP8GELULinearFn if self.gelu_in else _FP8LinearFn
+        fn = (_FP8GELUCastLinearFn if self.gelu_cast else _FP8GELULinearFn) if self.gelu_in else _FP8LinearFn
         return fn.apply(
             x, self.weight, self.bias, g if prime_g else None,
             m.cast_args(record), g.cast_args(),
@@ -735,6 +777,30 @@ class _FP8GELULinearFn(torch.autograd.Function):
         if not grad_h:  # no wgrad (frozen weight): the input gradient alone
             grad_h.append(gelu_bwd(h8, h_si, grad_a, ctx.x_dtype)[0])
         return grad_h[0].view(ctx.x_shape), None, grad_b, None, None, None, None, None, None
+
+
+class _FP8GELUCastLinearFn(torch.autograd.Function):
+    """proj(tanh-GELU(h)) for an FP8Linear proj, with the GELU fused into its output's FP8 cast (--fp8_gelu=3, for
+    speed): one read of h writes FP8(GELU(h)) and its transposed copy (kernels.gelu_cast_fwd), where the plain path
+    writes GELU(h) in BF16 and the cast reads it again. Keeps what the plain path keeps (h in the activation dtype
+    for GELU's backward, the transposed FP8 copy for proj's wgrad); the backward's GELU' is one fused pass too."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, g_meta, x_meta_t, g_meta_t, grad_bufs, w_fp8_t3, precise):
+        x_scale, x_si, x_amax, x_stats = x_meta_t
+        w_fp8, w_fp8_t, w_si = w_fp8_t3
+        h2 = h.detach().reshape(-1, h.shape[-1]).contiguous()  # (M, K): the c_fc output
+        a_fp8, a_t = gelu_cast(h2, x_scale, x_amax, x_stats, PAD_TOKENS)
+        out = gemm(a_fp8, w_fp8, x_si, w_si, _out_dtype(h), bias, precise=precise[0])  # (M, N)
+        _linear_ctx(ctx, h, weight, bias, g_meta, w_fp8_t, precise)
+        ctx.save_for_backward(h2, a_t, x_si, w_fp8_t if ctx.w_is_t else w_fp8, w_si, *g_meta_t, *grad_bufs)
+        return out.view(*h.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        h2, a_t, x_si, w_t, w_si, *g_and_bufs = ctx.saved_tensors
+        grad_a, grad_b = _linear_backward(ctx, grad_output, lambda grad_x: a_t, x_si, w_t, w_si, g_and_bufs)
+        return gelu_bwd_hp(h2, grad_a.contiguous()).view(ctx.x_shape), None, grad_b, None, None, None, None, None, None
 
 
 class FP8SavedGELU(nn.Module):

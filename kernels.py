@@ -102,6 +102,16 @@ def _pow2_scale(amax, FMAX_EXP: tl.constexpr, FMAX_MANT: tl.constexpr, MARGIN: t
 
 
 @triton.jit
+def _add_prev(x, prev_ptr, prev_si_ptr, offs, mask):
+    """x + prev * prev_si in float32; prev_si 0 (an empty running sum: the first micro-batch) leaves x alone and
+    prev's bytes unread, whatever they hold (a uniform branch: no program loads them)."""
+    psi = tl.load(prev_si_ptr)
+    if psi != 0:
+        x += tl.load(prev_ptr + offs, mask=mask, other=0.0).to(tl.float32) * psi
+    return x
+
+
+@triton.jit
 def _cast_kernel(
     x_ptr, y_ptr, yt_ptr, scale_ptr, amax_ptr, stats_ptr, scale_inv_ptr, colsum_ptr, prev_ptr, prev_si_ptr,  # pointers
     M, N, MT,  # sizes: x is (M, N); y_t is (N, MT) with MT >= M, columns M..MT-1 zero-filled
@@ -120,7 +130,7 @@ def _cast_kernel(
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=in_x, other=0.0)
     x = x.to(tl.float32)
     if HAS_PREV:  # x += prev * prev_si (a running FP8 sum, contiguous (M, N); prev_si 0: empty)
-        x += _dequant_prev(prev_ptr, prev_si_ptr, offs_m[:, None] * N + offs_n[None, :], in_x)
+        x = _add_prev(x, prev_ptr, prev_si_ptr, offs_m[:, None] * N + offs_n[None, :], in_x)
     if HAS_COLSUM:  # per-block column sums of x (the bias gradient when x is grad_output), summed later
         tl.store(colsum_ptr + pid_m * N + offs_n, tl.sum(x, axis=0), mask=offs_n < N)
     if JIT_SCALE:
@@ -155,19 +165,11 @@ def _cast_kernel(
 
 
 @triton.jit
-def _dequant_prev(prev_ptr, prev_si_ptr, offs, mask):
-    """prev * prev_si in float32 (0 where prev_si is 0: an empty running sum, whatever its bytes hold)."""
-    psi = tl.load(prev_si_ptr)
-    p = tl.load(prev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    return tl.where(psi != 0, p * psi, 0.0)
-
-
-@triton.jit
 def _amax_kernel(x_ptr, amax_ptr, prev_ptr, prev_si_ptr, n, HAS_PREV: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
     if HAS_PREV:
-        x += _dequant_prev(prev_ptr, prev_si_ptr, offs, offs < n)
+        x = _add_prev(x, prev_ptr, prev_si_ptr, offs, offs < n)
     tl.atomic_max(amax_ptr, tl.max(tl.where(x == x, tl.abs(x), float("inf")), axis=0))
 
 
@@ -322,9 +324,24 @@ def cast_to_fp8(
         MIN_EXP=-6 if fp8_dtype == E4M3 else -14, HAS_PREV=prev is not None,
         BLOCK_M=BM, BLOCK_N=BN, num_warps=warps,
     )
-    if colsum_out is not None:
-        torch.sum(partial, 0, out=colsum_out)  # fixed order: bit-identical run to run (no atomics)
+    if colsum_out is not None:  # fixed order: bit-identical run to run (no atomics)
+        BN = 128 if not INTERPRET else 32
+        _colsum_kernel[(triton.cdiv(N, BN),)](partial, colsum_out, grid[0], N, BLOCK_R=32 if not INTERPRET else 8,
+                                              BLOCK_N=BN, num_warps=4 if not INTERPRET else 1)
     return y, y_t
+
+
+@triton.jit
+def _colsum_kernel(p_ptr, out_ptr, R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out (N,) = the column sums of the cast's per-block partials p (R, N), in a fixed order. One small launch:
+    torch.sum over dim 0 took ~7 us a call here (H100 profile, 124M: 48 calls a step)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        acc += tl.sum(tl.load(p_ptr + offs_r[:, None] * N + offs_n[None, :],
+                              mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0), axis=0)
+    tl.store(out_ptr + offs_n, acc, mask=offs_n < N)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,7 +397,8 @@ def _to_e4m3(v, dst_ty: tl.constexpr, FP8_MAX: tl.constexpr, SOFT_CVT: tl.conste
 
 
 @triton.jit
-def _gelu_fwd_kernel(h_ptr, h8_ptr, h_amax_ptr, h_si_ptr, a_ptr, a_scale_ptr, a_amax_ptr, a_stats_ptr, M, N,
+def _gelu_fwd_kernel(h_ptr, h8_ptr, h_amax_ptr, h_si_ptr, a_ptr, a_scale_ptr, a_amax_ptr, a_stats_ptr, at_ptr,
+                     M, N, MT, H8: tl.constexpr, A_T: tl.constexpr,
                      A_FP8: tl.constexpr, HAS_AMAX: tl.constexpr, HAS_STATS: tl.constexpr, ROUND: tl.constexpr,
                      FP8_MAX: tl.constexpr, FP8_MIN_SUB: tl.constexpr, FMAX_EXP: tl.constexpr,
                      FMAX_MANT: tl.constexpr, SOFT_CVT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -390,11 +408,11 @@ def _gelu_fwd_kernel(h_ptr, h8_ptr, h_amax_ptr, h_si_ptr, a_ptr, a_scale_ptr, a_
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     offs = offs_m[:, None] * N + offs_n[None, :]
     x = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    # h -> E4M3 with the just-in-time scale of its amax (a previous pass), as cast_to_fp8's JIT_SCALE
-    scale = _pow2_scale(tl.load(h_amax_ptr), FMAX_EXP, FMAX_MANT, 0)
-    if (pid_m == 0) & (pid_n == 0):
-        tl.store(h_si_ptr, 1.0 / scale)
-    tl.store(h8_ptr + offs, _to_e4m3(x * scale, h8_ptr.dtype.element_ty, FP8_MAX, SOFT_CVT, ROUND), mask=mask)
+    if H8:  # h -> E4M3 with the just-in-time scale of its amax (a previous pass), as cast_to_fp8's JIT_SCALE
+        scale = _pow2_scale(tl.load(h_amax_ptr), FMAX_EXP, FMAX_MANT, 0)
+        if (pid_m == 0) & (pid_n == 0):
+            tl.store(h_si_ptr, 1.0 / scale)
+        tl.store(h8_ptr + offs, _to_e4m3(x * scale, h8_ptr.dtype.element_ty, FP8_MAX, SOFT_CVT, ROUND), mask=mask)
     a, _ = _gelu_parts(x)
     a = _round_to(a, ROUND, SOFT_CVT)  # as the unfused GELU's output in the activation dtype
     if A_FP8:  # --fp8_gelu=2: the FP8 copy the next GEMM reads, delayed scaling (as _cast_kernel)
@@ -406,7 +424,10 @@ def _gelu_fwd_kernel(h_ptr, h8_ptr, h_amax_ptr, h_si_ptr, a_ptr, a_scale_ptr, a_
             n_ftz = tl.sum(tl.sum(((a != 0) & (tl.abs(a * a_scale) < FP8_MIN_SUB * 0.5)).to(tl.int32), axis=1), axis=0)
             tl.atomic_add(a_stats_ptr, n_sat)
             tl.atomic_add(a_stats_ptr + 1, n_ftz)
-        tl.store(a_ptr + offs, _to_e4m3(a * a_scale, a_ptr.dtype.element_ty, FP8_MAX, SOFT_CVT, ROUND), mask=mask)
+        a8 = _to_e4m3(a * a_scale, a_ptr.dtype.element_ty, FP8_MAX, SOFT_CVT, ROUND)
+        tl.store(a_ptr + offs, a8, mask=mask)
+        if A_T:  # --fp8_gelu=3: and its transposed copy for the wgrad, rows padded to MT with zeros (GELU(0) = 0)
+            tl.store(at_ptr + offs_n[None, :] * MT + offs_m[:, None], a8, mask=(offs_m[:, None] < MT) & (offs_n[None, :] < N))
     else:  # --fp8_gelu=1: GELU's output in the activation dtype
         tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=mask)
 
@@ -414,14 +435,16 @@ def _gelu_fwd_kernel(h_ptr, h8_ptr, h_amax_ptr, h_si_ptr, a_ptr, a_scale_ptr, a_
 @triton.jit
 def _gelu_bwd_kernel(h8_ptr, h_si_ptr, g_ptr, gh_ptr, at_ptr, a_scale_ptr, M, N, MT,
                      WANT_AT: tl.constexpr, ROUND: tl.constexpr, GROUND: tl.constexpr, FP8_MAX: tl.constexpr,
-                     SOFT_CVT: tl.constexpr,
+                     SOFT_CVT: tl.constexpr, H_FP8: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     offs = offs_m[:, None] * N + offs_n[None, :]
-    x = tl.load(h8_ptr + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(h_si_ptr)  # exact
+    x = tl.load(h8_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if H_FP8:  # the kept E4M3 input (else h itself, BF16 / FP32: --fp8_gelu=3)
+        x = x * tl.load(h_si_ptr)  # exact
     gy = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     a, da = _gelu_parts(x)
     tl.store(gh_ptr + offs, _round_to(gy * da, GROUND, SOFT_CVT).to(gh_ptr.dtype.element_ty), mask=mask)
@@ -463,7 +486,7 @@ def gelu_fp8_fwd(h: torch.Tensor, a_scale: Optional[torch.Tensor] = None, a_amax
     dummy = h_amax
     _gelu_fwd_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
         h, h8, h_amax, h_si, a, a_scale if a_scale is not None else dummy, a_amax if a_amax is not None else dummy,
-        a_stats if a_stats is not None else dummy, M, N,
+        a_stats if a_stats is not None else dummy, a, M, N, M, H8=True, A_T=False,
         A_FP8=a_scale is not None, HAS_AMAX=a_amax is not None, HAS_STATS=a_stats is not None, ROUND=_ROUND[h.dtype],
         FP8_MAX=fi.max, FP8_MIN_SUB=fi.smallest_normal * fi.eps, FMAX_EXP=fe, FMAX_MANT=fm,
         SOFT_CVT=INTERPRET or h.dtype == torch.float32, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps)
@@ -495,8 +518,61 @@ def gelu_fp8_bwd(h8: torch.Tensor, h_si: torch.Tensor, grad: torch.Tensor, x_dty
     _gelu_bwd_kernel[(triton.cdiv(MT, BM), triton.cdiv(N, BN))](
         h8, h_si, grad, gh, a_t if a_t is not None else h8, a_scale if a_scale is not None else h_si, M, N, MT,
         WANT_AT=a_scale is not None, ROUND=_ROUND[x_dtype], GROUND=_ROUND[grad.dtype], FP8_MAX=torch.finfo(E4M3).max,
-        SOFT_CVT=INTERPRET or x_dtype == torch.float32, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps)
+        SOFT_CVT=INTERPRET or x_dtype == torch.float32, H_FP8=True, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps)
     return gh, a_t
+
+
+# --fp8_gelu=3: the GELU fused into its output's FP8 cast (h kept in the activation dtype, as the plain path)
+
+
+def gelu_cast_fwd_ref(h, a_scale, a_amax=None, a_stats=None, pad_t=1):
+    """Pure-torch reference of gelu_cast_fwd (same arguments and results)."""
+    a = _gelu_parts_ref(h.float())[0].to(h.dtype)
+    return cast_to_fp8_ref(a, E4M3, a_scale, a_amax, transpose=True, pad_t=pad_t, stats=a_stats)
+
+
+def gelu_cast_fwd(h: torch.Tensor, a_scale: torch.Tensor, a_amax: Optional[torch.Tensor] = None,
+                  a_stats: Optional[torch.Tensor] = None, pad_t: int = 1):
+    """tanh-GELU of h (M, N), rounded to h's dtype, cast to E4M3 with the delayed scale a_scale: (a8 (M, N),
+    a8_t (N, round_up(M, pad_t)), zero-padded), recording max|GELU(h)| into a_amax and the saturated / flushed
+    counts into a_stats. One read of h, no GELU output in BF16 written and read again (the unfused GELU + cast)."""
+    assert h.dim() == 2 and h.is_contiguous() and h.dtype in HP_DTYPES, f"gelu_cast_fwd: 2-D contiguous float, got {h.dtype} {tuple(h.shape)}"
+    assert a_scale.numel() == 1 and a_scale.dtype == torch.float32
+    if not use_triton(h):
+        return gelu_cast_fwd_ref(h, a_scale, a_amax, a_stats, pad_t)
+    M, N = h.shape
+    MT = round_up(M, pad_t)
+    a8, a8_t = torch.empty(M, N, dtype=E4M3, device=h.device), torch.empty(N, MT, dtype=E4M3, device=h.device)
+    fi, (fe, fm) = torch.finfo(E4M3), fmax_bits(E4M3)
+    BM, BN, warps = GELU_TILE if not INTERPRET else (16, 32, 1)
+    _gelu_fwd_kernel[(triton.cdiv(MT, BM), triton.cdiv(N, BN))](
+        h, a8, a_scale, a_scale, a8, a_scale, a_amax if a_amax is not None else a_scale,
+        a_stats if a_stats is not None else a_scale, a8_t, M, N, MT, H8=False, A_T=True,
+        A_FP8=True, HAS_AMAX=a_amax is not None, HAS_STATS=a_stats is not None, ROUND=_ROUND[h.dtype],
+        FP8_MAX=fi.max, FP8_MIN_SUB=fi.smallest_normal * fi.eps, FMAX_EXP=fe, FMAX_MANT=fm,
+        SOFT_CVT=INTERPRET or h.dtype == torch.float32, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps)
+    return a8, a8_t
+
+
+def gelu_bwd_ref(h, grad):
+    """Pure-torch reference of gelu_bwd."""
+    return (grad.float() * _gelu_parts_ref(h.float())[1]).to(grad.dtype)
+
+
+def gelu_bwd(h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """grad * GELU'(h) in grad's dtype (h kept in its own dtype: --fp8_gelu=3). One read of h and grad."""
+    assert h.dim() == 2 and h.is_contiguous() and grad.shape == h.shape and grad.is_contiguous()
+    assert h.dtype in HP_DTYPES and grad.dtype in HP_DTYPES
+    if not use_triton(h):
+        return gelu_bwd_ref(h, grad)
+    M, N = h.shape
+    gh = torch.empty_like(grad)
+    BM, BN, warps = GELU_TILE if not INTERPRET else (16, 32, 1)
+    _gelu_bwd_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
+        h, grad, grad, gh, h, grad, M, N, M, WANT_AT=False, ROUND=_ROUND[h.dtype], GROUND=_ROUND[grad.dtype],
+        FP8_MAX=torch.finfo(E4M3).max, SOFT_CVT=INTERPRET or h.dtype == torch.float32, H_FP8=False,
+        BLOCK_M=BM, BLOCK_N=BN, num_warps=warps)
+    return gh
 
 
 # ----------------------------------------------------------------------------------------------

@@ -203,18 +203,20 @@ def use_fp8_attention(model: nn.Module) -> nn.Module:
     return _swap_children(model, lambda c: isinstance(c, CausalSDPA), make)
 
 
-def use_fp8_gelu(model: nn.Module, recompute: bool = False) -> nn.Module:
+def use_fp8_gelu(model: nn.Module, recompute: bool = False, fused_cast: bool = False) -> nn.Module:
     """Swap every tanh-GELU for fp8.FP8SavedGELU: its input is kept for the backward in FP8 (1 byte per element
     instead of 2); at fp8 levels >= 1 (train.py --fp8_gelu=1). recompute (--fp8_gelu=2): instead, each MLP's
     FP8 c_proj applies the GELU itself (fp8.FP8Linear.gelu_in) and keeps only the FP8 GELU input, recomputing
-    the FP8 GELU output its wgrad needs in the backward: 1 byte per hidden element instead of 2."""
-    if not recompute:
+    the FP8 GELU output its wgrad needs in the backward: 1 byte per hidden element instead of 2. fused_cast
+    (--fp8_gelu=3, speed): c_proj applies the GELU inside its input's FP8 cast (fp8.FP8Linear.gelu_cast) and keeps
+    what the plain path keeps: no BF16 GELU output is written and read again."""
+    if not (recompute or fused_cast):
         return _swap_children(model, lambda c: isinstance(c, nn.GELU) and c.approximate == "tanh",
                               lambda c: fp8.FP8SavedGELU())
     for mod in model.modules():
         if isinstance(mod, MLP) and isinstance(mod.act, nn.GELU) and mod.act.approximate == "tanh" \
                 and isinstance(mod.c_proj, fp8.FP8Linear):
-            mod.act, mod.c_proj.gelu_in = nn.Identity(), True
+            mod.act, mod.c_proj.gelu_in, mod.c_proj.gelu_cast = nn.Identity(), True, fused_cast
     return model
 
 
@@ -559,7 +561,7 @@ def activation_stats(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     def hook(layer: int, tap: int, pre: bool):
         def fn(module, args, output=None):
             x = args[0] if pre else output
-            if pre and getattr(module, "gelu_in", False):  # --fp8_gelu=2: c_proj reads h and applies the GELU itself
+            if pre and getattr(module, "gelu_in", False):  # --fp8_gelu=2, 3: c_proj reads h and applies the GELU itself
                 x = F.gelu(x, approximate="tanh")
             out[layer, tap] = tensor_stats(x)
         return fn

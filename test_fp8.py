@@ -348,6 +348,30 @@ def test_gemm_precise_accumulation():
         (rel_err(ref, precise), rel_err(ref, fast))
 
 
+# column sums of float32 partials in another order than float64's: a few float32 ulps of the sum of |x|
+COLSUM_REL_TOL = 1e-5
+
+
+@needs_triton
+def test_cast_column_sums_are_the_bias_gradient():
+    """cast_to_fp8's colsum_out (the bias gradient from the grad_output cast's read): per-block partials, then a
+    fixed-order sum (kernels._colsum_kernel), within COLSUM_REL_TOL of float64 relative to the sum of |x|; the
+    same bits on a second call; the FP8 output as without it. Rows not a multiple of any block."""
+    M, N = shapes((75, 72), (16390, 776))
+    x = (torch.randn(M, N, device=DEV) * 3).to(torch.bfloat16)
+    x[:, 5] = 0
+    x[7, 9] = 1000.0
+    scale = torch.tensor([4.0], device=DEV)
+    cs, cs2 = torch.empty(N, device=DEV), torch.empty(N, device=DEV)
+    y, y_t = kernels.cast_to_fp8(x, E5M2, scale, transpose=True, colsum_out=cs)
+    kernels.cast_to_fp8(x, E5M2, scale, transpose=True, colsum_out=cs2)
+    want = x.double().sum(0)
+    assert ((cs.double() - want).abs() <= COLSUM_REL_TOL * x.double().abs().sum(0) + 1e-30).all()
+    assert cs[5].item() == 0 and torch.equal(cs, cs2)
+    y_ref, y_t_ref = kernels.cast_to_fp8(x, E5M2, scale, transpose=True)
+    assert _bits_equal(y, y_ref) and _bits_equal(y_t, y_t_ref)
+
+
 @needs_triton
 def test_cast_and_amax_add_a_running_fp8_sum():
     """amax_into / cast_to_fp8 with prev=(FP8 running sum, its scale_inv) work on x + prev * scale_inv, in place
@@ -1749,7 +1773,7 @@ def test_prepare_small_text(tmp_path):
     (["--master=bf16"], "--master must be fp16 or fp32"),
     (["--precise_acc=fwd"], "--precise_acc must be one of"),
     (["--fp8_level=0", "--fp8_gelu=1"], "--fp8_gelu=1 needs FP8 linears"),
-    (["--fp8_gelu=3"], "--fp8_gelu must be 0, 1 or 2"),
+    (["--fp8_gelu=4"], "--fp8_gelu must be 0, 1, 2 or 3"),
     (["--head_chunk=-1"], "--head_chunk must be >= 0"),
     (["--batch_size=4", "--block_size=32", "--total_batch_tokens=100"], "not a multiple"),
 ])
@@ -2672,12 +2696,14 @@ def test_fp8_gelu_recompute_matches_saved_input():
 def test_fp8_gelu_recompute_traces_under_torch_compile():
     """The GELU-applying FP8 c_proj in one graph (fullgraph); the same loss and gradients as eager."""
     torch._dynamo.reset()
-    _, a = _gelu_pair()
+    _compiled_matches_eager(_gelu_pair()[1])
+
+
+def _compiled_matches_eager(a) -> None:
+    """A tiny GPT compiled (aot_eager, fullgraph) gives the eager loss and its last MLP's FP8 weight gradients."""
     idx = torch.randint(0, 320, (2, 32))
     a(idx, idx)[1].backward()  # eager first: primes the scales (a compiled first call would start from 1)
-    for m in a.modules():
-        if isinstance(m, fp8.FP8Linear):
-            m.weight_grad_scale_inv.zero_()  # "no gradient yet"
+    fp8.zero_fp8_grads(a)  # "no gradient yet"
     a.zero_grad()
     b = copy.deepcopy(a)
     la = torch.compile(a, backend="aot_eager", fullgraph=True)(idx, idx)[1]
@@ -2687,7 +2713,85 @@ def test_fp8_gelu_recompute_traces_under_torch_compile():
     assert torch.equal(la, lb)
     for x, y in zip(a.transformer.h[1].mlp.modules(), b.transformer.h[1].mlp.modules()):
         if isinstance(x, fp8.FP8Linear):
-            assert torch.equal(x.weight_grad_fp8.view(torch.uint8), y.weight_grad_fp8.view(torch.uint8))
+            assert _bits_equal(x.weight_grad_fp8, y.weight_grad_fp8)
+
+
+# --fp8_gelu=3 (the GELU fused into c_proj's input cast) against the plain path: the same FP8 casts of a GELU computed
+# by another float32 formula (x sigmoid(2u) vs torch's tanh, GELU_FWD_EPS apart), so an E4M3 or E5M2 value flips only
+# where that moves it across a rounding midpoint. Measured: the same losses and bit-identical gradients (tiny model,
+# BF16 autocast, CPU); the floor leaves room for a few such flips (an E4M3 step is ~-24 dB of one element).
+FP8_GELU_CAST_GRAD_SQNR_DB = 35.0
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 70), (130, 48)])
+def test_gelu_cast_kernels(dtype, shape):
+    """kernels.gelu_cast_fwd: FP8(GELU(h)) and its transposed, zero-padded copy bit-identical to the cast of
+    gelu_fp8_fwd's GELU, with the same amax and saturation counts; NaN reaches the amax as inf. kernels.gelu_bwd:
+    GELU' at h (kept in its dtype) within GELU_BWD_EPS of float64."""
+    torch.manual_seed(shape[0])
+    h = (torch.randn(shape) * 3).to(dtype)
+    h.view(-1)[:3] = torch.tensor([0.0, -0.0, 40.0])
+    h = h.to(DEV)
+    scale = torch.tensor([16.0], device=DEV)  # 40 * 16 > 448: GELU's outlier saturates
+    amax, stats = torch.zeros(1, device=DEV), torch.zeros(2, dtype=torch.int32, device=DEV)
+    a8, a8_t = kernels.gelu_cast_fwd(h, scale, amax, stats, pad_t=16)
+    a = kernels.gelu_fp8_fwd(h)[2]  # the same GELU, in h's dtype
+    amax_ref, stats_ref = torch.zeros_like(amax), torch.zeros_like(stats)
+    a8_ref, a8_t_ref = kernels.cast_to_fp8_ref(a, E4M3, scale, amax_ref, transpose=True, pad_t=16, stats=stats_ref)
+    assert _bits_equal(a8, a8_ref) and _bits_equal(a8_t, a8_t_ref) and a8_t.shape == (shape[1], kernels.round_up(shape[0], 16))
+    assert torch.equal(amax, amax_ref) and torch.equal(stats, stats_ref) and stats[0] >= 1
+    g = torch.randn(shape).to(dtype).to(DEV)
+    gh = kernels.gelu_bwd(h, g)
+    want = torch.ops.aten.gelu_backward(g.double(), h.double(), approximate="tanh")
+    tol = GELU_BWD_EPS * torch.finfo(dtype).eps * g.double().abs() * (1 + h.double().abs())
+    assert gh.dtype == dtype and bool(((gh.double() - want).abs() <= tol).all())
+    h[0, 1] = float("nan")
+    an, _ = kernels.gelu_cast_fwd(h, scale, amax.zero_())
+    assert an.float()[0, 1].isnan() and amax.item() == float("inf")
+
+
+def _gelu_plain_and_fused():
+    torch.manual_seed(0)
+    cfg = M.GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=320)
+    plain = fp8.convert_to_fp8(M.GPT(cfg), 2)
+    return plain, M.use_fp8_gelu(copy.deepcopy(plain), fused_cast=True)
+
+
+def test_fp8_gelu_fused_cast_matches_plain():
+    """--fp8_gelu=3 vs plain level 2, same weights, 2 steps' forwards (BF16 autocast): the same bytes saved for the
+    backward, the loss within float32 rounding, every gradient within FP8_GELU_CAST_GRAD_SQNR_DB."""
+    plain, fused = _gelu_plain_and_fused()
+    c_proj = fused.transformer.h[0].mlp.c_proj
+    assert isinstance(fused.transformer.h[0].mlp.act, nn.Identity) and c_proj.gelu_in and c_proj.gelu_cast
+    for step in range(2):
+        idx = torch.randint(0, 320, (2, 32))
+        out = {}
+        for name, m in (("plain", plain), ("fused", fused)):
+            fp8.zero_fp8_grads(m)
+            m.zero_grad()
+            out[name] = saved_sizes(m, idx)
+        assert sum(out["plain"][1]) == sum(out["fused"][1])
+        assert abs(out["plain"][0] - out["fused"][0]) <= 1e-3 * abs(out["plain"][0])
+        for (name, a), b in zip(plain.named_modules(), fused.modules()):
+            if isinstance(a, fp8.FP8Linear):
+                ga, gb = (x.weight_grad_fp8.float() * x.weight_grad_scale_inv for x in (a, b))
+                assert sqnr_db(ga, gb) >= FP8_GELU_CAST_GRAD_SQNR_DB, (name, sqnr_db(ga, gb))
+        for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+            if p.grad is not None:
+                assert sqnr_db(p.grad, q.grad) >= FP8_GELU_CAST_GRAD_SQNR_DB, (name, sqnr_db(p.grad, q.grad))
+
+
+def test_fp8_gelu_fused_cast_traces_under_torch_compile():
+    """The GELU-casting FP8 c_proj in one graph (fullgraph); the same loss and FP8 gradients as eager."""
+    torch._dynamo.reset()
+    _compiled_matches_eager(_gelu_plain_and_fused()[1])
+
+
+def test_tiny_trains_with_fp8_gelu_fused_cast_like_without(data_dir, tmp_path):
+    r = trains_like_level1(data_dir, tmp_path, FP8_GELU_TRAIN_LOSS_RTOL, fp8_gelu=3)
+    assert r["model"].transformer.h[0].mlp.c_proj.gelu_cast
 
 
 def test_tiny_trains_with_fp8_gelu_recompute_like_without(data_dir, tmp_path):

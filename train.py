@@ -53,7 +53,8 @@ class TrainConfig:
     fp8_level: int = -1  # 0..3; -1 = HIGHEST_LEVEL
     fp8_attention: bool = False  # QK^T and PV (fwd and bwd) in FP8 too (fp8.FP8Attention); levels >= 1
     fp8_gelu: int = 0  # 1: keep the MLP's GELU input for the backward in FP8 (fp8.FP8SavedGELU); 2: that only, the
-    # GELU output's FP8 copy recomputed in the backward (fp8.FP8Linear.gelu_in); levels >= 1
+    # GELU output's FP8 copy recomputed in the backward (fp8.FP8Linear.gelu_in); 3 (speed): the GELU fused into
+    # c_proj's input cast, nothing kept in FP8 that the plain path does not (fp8.FP8Linear.gelu_cast); levels >= 1
     bf16_norms: bool = False  # norms reading the float32 residual stream keep it for the backward in BF16 (model.BF16Norm)
     head_chunk: int = 0  # > 0: training loss in chunks of this many rows, no (B, T, V) logits kept (model.GPT.head)
     recompute_attn: bool = False  # keep each attention's input only, the backward re-runs it (model.use_recompute_attn)
@@ -105,8 +106,8 @@ class TrainConfig:
             raise ValueError(f"--fp8_level must be 0..3 (or -1 = highest), got {self.fp8_level}")
         if self.fp8_attention and self.fp8_level == 0:
             raise ValueError("--fp8_attention=1 needs FP8 linears: use --fp8_level >= 1 (or --fp8_attention=0)")
-        if self.fp8_gelu not in (0, 1, 2):
-            raise ValueError(f"--fp8_gelu must be 0, 1 or 2, got {self.fp8_gelu}")
+        if self.fp8_gelu not in (0, 1, 2, 3):
+            raise ValueError(f"--fp8_gelu must be 0, 1, 2 or 3, got {self.fp8_gelu}")
         if self.fp8_gelu and self.fp8_level == 0:
             raise ValueError("--fp8_gelu=1 needs FP8 linears: use --fp8_level >= 1 (or --fp8_gelu=0)")
         if self.head_chunk < 0:
@@ -665,7 +666,7 @@ def build(cfg: TrainConfig, world: int, device: str, ckpt_path: str):
     if cfg.fp8_attention:
         M.use_fp8_attention(raw)
     if cfg.fp8_gelu:
-        M.use_fp8_gelu(raw, recompute=cfg.fp8_gelu == 2)
+        M.use_fp8_gelu(raw, recompute=cfg.fp8_gelu == 2, fused_cast=cfg.fp8_gelu == 3)
     if cfg.bf16_norms:
         M.use_bf16_norms(raw)
     if cfg.recompute_attn:
