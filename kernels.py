@@ -780,9 +780,7 @@ def fp8_gemm_ref(a, b, a_scale_inv, b_scale_inv, out_dtype=torch.bfloat16, bias=
         c = c + bias.float()
     if out is not None:
         c = out.float() + c
-    if acc_fp8 is not None:
-        prev, psi = acc_fp8
-        c = c + torch.where(psi != 0, prev.float() * psi, torch.zeros_like(psi))
+    c = _with_prev_ref(c, acc_fp8)
     if amax_out is not None:
         ax = torch.where(torch.isnan(c), float("inf"), c.abs())
         amax_out.copy_(torch.maximum(amax_out, ax.amax().reshape(1)))

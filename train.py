@@ -109,7 +109,7 @@ class TrainConfig:
         if self.fp8_gelu not in (0, 1, 2, 3):
             raise ValueError(f"--fp8_gelu must be 0, 1, 2 or 3, got {self.fp8_gelu}")
         if self.fp8_gelu and self.fp8_level == 0:
-            raise ValueError("--fp8_gelu=1 needs FP8 linears: use --fp8_level >= 1 (or --fp8_gelu=0)")
+            raise ValueError(f"--fp8_gelu={self.fp8_gelu} needs FP8 linears: use --fp8_level >= 1 (or --fp8_gelu=0)")
         if self.head_chunk < 0:
             raise ValueError(f"--head_chunk must be >= 0 (0 = the plain loss), got {self.head_chunk}")
         if self.preset and self.preset not in M.PRESETS:
