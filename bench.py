@@ -277,6 +277,7 @@ def _time_step(preset, B, T, level, compile_, graph, steps, profile=False, extra
         loss = step(i)[0]
         torch.cuda.synchronize()
         print(f"  warm-up step {i} done at {time.perf_counter() - t_start:.0f} s", file=sys.stderr, flush=True)
+    warmup_s = time.perf_counter() - t_start
     times = []
     for i in range(steps):
         t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -295,7 +296,7 @@ def _time_step(preset, B, T, level, compile_, graph, steps, profile=False, extra
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=PROFILE_ROWS, max_name_column_width=70))
     peak = TR.peak_flops("cuda", 0 if level == 0 else 1)  # torchao (level -1) runs FP8 GEMMs: the FP8 peak
     r = {"ms": ms, "tok_s": B * T / ms * 1e3, "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
-         "loss": loss.item(), "mfu": raw.flops_per_token(T) * B * T / (ms / 1e3) / peak}
+         "loss": loss.item(), "mfu": raw.flops_per_token(T) * B * T / (ms / 1e3) / peak, "warmup_s": warmup_s}
     del raw, model, opt, params, stepper
     torch.cuda.empty_cache()
     return r
@@ -331,12 +332,14 @@ def wanted(tag: str, variants: str) -> bool:
 
 
 def bench_step(args) -> dict:
-    """Training step (fwd + bwd + optimizer) of train.py's model per level, median of many steps."""
+    """Training step (fwd + bwd + optimizer) of train.py's model per level, median of many steps. --rounds R runs
+    the variants in turn R times (each round a fresh process per variant): the row is the median of the rounds'
+    medians, its ratio the median of the per-round ratios (each against that round's BF16), with their spread."""
     out = {}
     print(f"{'preset':<6} {'variant':<26} {'ms/step':>8} {'tok/s':>9} {'mfu':>5} {'peak GB':>8} {'vs bf16':>8}")
     for name in args.presets:
         preset, B, T = STEP_SHAPES[name]
-        base = None
+        runs = []  # (tag, level, compile_, graph, spec) in table order
         for label, level in STEP_VARIANTS:
             modes = {0: ((True, True), (False, True)), TORCHAO: ((True, True), (True, False))}
             spec = args.step_flags if level >= 1 else args.bf16_flags
@@ -347,7 +350,11 @@ def bench_step(args) -> dict:
             if tags and level == TORCHAO and importlib.util.find_spec("torchao") is None:
                 print(f"{name:<6} {label:<26} skipped: torchao is not installed (optional peer)")
                 continue
-            for tag, compile_, graph in tags:
+            runs += [(tag, level, c, g, spec) for tag, c, g in tags]
+        rounds = {tag: [] for tag, *_ in runs}
+        for rnd in range(args.rounds):
+            base = None  # this round's first variant (BF16 when it runs): the ratios' reference
+            for tag, level, compile_, graph, spec in runs:
                 try:
                     r = _time_step_isolated(preset, B, T, level, compile_, graph, args.steps, args.profile, spec)
                 except Exception as e:  # one failing variant must not hide the others
@@ -356,9 +363,23 @@ def bench_step(args) -> dict:
                     continue
                 base = base or r["ms"]
                 r["vs_bf16"] = base / r["ms"]
-                out[f"{name}/{tag}"] = r
-                print(f"{name:<6} {tag:<26} {r['ms']:8.1f} {r['tok_s']:9.0f} {100 * r['mfu']:4.0f}% {r['peak_gb']:8.1f} "
-                      f"{r['vs_bf16']:7.2f}x", flush=True)
+                rounds[tag].append(r)
+                pre = f"round {rnd + 1}/{args.rounds} " if args.rounds > 1 else ""
+                print(f"{name:<6} {pre + tag:<26} {r['ms']:8.1f} {r['tok_s']:9.0f} {100 * r['mfu']:4.0f}% "
+                      f"{r['peak_gb']:8.1f} {r['vs_bf16']:7.2f}x", flush=True)
+        for tag, rs in rounds.items():
+            if not rs:
+                continue
+            med = lambda key: statistics.median(x[key] for x in rs)
+            r = dict(rs[len(rs) // 2], ms=med("ms"), tok_s=med("tok_s"), mfu=med("mfu"), vs_bf16=med("vs_bf16"),
+                     peak_gb=max(x["peak_gb"] for x in rs))
+            if len(rs) > 1:
+                r.update(rounds=len(rs), ms_rounds=[x["ms"] for x in rs], vs_bf16_rounds=[x["vs_bf16"] for x in rs])
+                spread = f"  (rounds: ms {min(r['ms_rounds']):.1f}-{max(r['ms_rounds']):.1f}, " \
+                         f"{min(r['vs_bf16_rounds']):.2f}-{max(r['vs_bf16_rounds']):.2f}x)"
+                print(f"{name:<6} median of {len(rs)}: {tag:<14} {r['ms']:8.1f} {r['tok_s']:9.0f} {100 * r['mfu']:4.0f}% "
+                      f"{r['peak_gb']:8.1f} {r['vs_bf16']:7.2f}x{spread}", flush=True)
+            out[f"{name}/{tag}"] = r
     if not out:
         print(f"no variant ran (--variants {args.variants!r}; labels: {', '.join(l for l, _ in STEP_VARIANTS)}, "
               f"each with +compile and/or +graph)")
@@ -964,7 +985,10 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=5, help="comm")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="comm, memory, saved")
     p.add_argument("--steps", type=int, default=30, help="timed steps per variant (step)")
+    p.add_argument("--rounds", type=int, default=1, help="step: run the variants in turn this many times")
     args = p.parse_args(argv)
+    if args.rounds < 1 or args.steps < 1:
+        p.error(f"--rounds and --steps must be >= 1, got {args.rounds} and {args.steps}")
     if args.what == ["comm"]:  # under torchrun: every rank runs it, rank 0 prints
         if not args.variants:
             args.variants = ",".join(VARIANTS)

@@ -2059,6 +2059,32 @@ def test_bench_step_variant_filter():
     assert not bench.wanted("fp8 level 2 +graph", "fp8 level 2 +compile +graph")
 
 
+def test_bench_step_rounds_pair_each_ratio_with_its_round(monkeypatch, capsys):
+    """bench.py step --rounds R: the variants run in turn R times; the row is the median of the rounds' ms, the
+    ratio the median of per-round ratios (each FP8 round against the BF16 of the same round), peak the largest."""
+    import argparse
+    import bench
+    fake = {0: [300.0, 280.0, 290.0], 2: [200.0, 210.0, 190.0]}  # ms per round: BF16 drifts, as on the GPU
+    calls = []
+
+    def timed(preset, B, T, level, compile_, graph, steps, profile, spec):
+        calls.append(level)
+        ms = fake[level][sum(1 for c in calls if c == level) - 1]
+        return {"ms": ms, "tok_s": B * T / ms * 1e3, "peak_gb": 10.0 + len(calls), "loss": 9.0, "mfu": 0.1}
+    monkeypatch.setattr(bench, "_time_step_isolated", timed)
+    args = argparse.Namespace(presets=["124m"], step_flags="", bf16_flags="", rounds=3, steps=2, profile=0,
+                              variants="bf16 (level 0) +compile +graph,fp8 level 2 +compile +graph")
+    out = bench.bench_step(args)
+    assert calls == [0, 2, 0, 2, 0, 2]  # alternating, not all of one variant first
+    bf, l2 = out["124m/bf16 (level 0) +compile +graph"], out["124m/fp8 level 2 +compile +graph"]
+    assert bf["ms"] == 290.0 and l2["ms"] == 200.0 and bf["vs_bf16"] == 1.0
+    assert l2["vs_bf16_rounds"] == [1.5, 280.0 / 210.0, 290.0 / 190.0]
+    assert l2["vs_bf16"] == 1.5 and l2["peak_gb"] == 16.0 and l2["ms_rounds"] == [200.0, 210.0, 190.0]
+    assert "median of 3" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["step", "--rounds", "0"])
+
+
 def test_bench_step_flags_parse_as_train_flags():
     """bench.py step --step_flags: name=value pairs, typed and checked by train.py's own parser."""
     import bench
