@@ -823,8 +823,11 @@ def run_vs_torch(m1, m2, master=F16, scale=1.0, steps=STEPS, lr=LR):
 # against torch.optim.AdamW
 
 
-@pytest.mark.parametrize("m1", list(DTYPES))
-@pytest.mark.parametrize("m2", list(DTYPES))
+# each state dtype in each slot, crossed at the default (m1 E4M3, m2 FP16): the kernel takes the two dtypes as
+# independent constexprs, and each combination costs ~45 s in the Triton interpreter on CI (the full 3x3 grid ran
+# clean through the eighth session)
+@pytest.mark.parametrize("m1, m2", [("fp8", "fp16"), ("fp16", "fp16"), ("fp32", "fp16"), ("fp8", "fp8"),
+                                    ("fp8", "fp32")])
 def test_vs_torch_adamw_100_steps(m1, m2):
     params, ref, start, _, _ = run_vs_torch(DTYPES[m1], DTYPES[m2])
     err = optim_rel_err(params, ref, start)
@@ -1774,6 +1777,7 @@ def test_prepare_small_text(tmp_path):
     (["--precise_acc=fwd"], "--precise_acc must be one of"),
     (["--fp8_level=0", "--fp8_gelu=1"], "--fp8_gelu=1 needs FP8 linears"),
     (["--fp8_gelu=4"], "--fp8_gelu must be 0, 1, 2 or 3"),
+    (["--bf16_norms=2"], "--bf16_norms must be 0 or 1"),
     (["--head_chunk=-1"], "--head_chunk must be >= 0"),
     (["--batch_size=4", "--block_size=32", "--total_batch_tokens=100"], "not a multiple"),
 ])
@@ -1782,6 +1786,19 @@ def test_bad_flags_error(argv, message, data_dir, tmp_path, capsys):
         TR.main(argv + ["--device=cpu", f"--data_dir={data_dir}", f"--out_dir={tmp_path}"])
     err = str(e.value.code) + capsys.readouterr().err
     assert (message or "error") in err
+
+
+def test_level_defaults_resolve_to_the_fast_paths():
+    """--fp8_gelu and --bf16_norms default to -1: the fused GELU cast (3) and BF16 norms (1) at FP8 levels, off at
+    level 0 (the BF16 reference); a value given is kept; build() refuses an unresolved config."""
+    for level, want in ((0, (0, 0)), (1, (3, 1)), (2, (3, 1)), (-1, (3, 1))):
+        cfg = TR.resolve({"fp8_level": level}, "cpu")
+        assert (cfg.fp8_gelu, cfg.bf16_norms) == want, (level, cfg)
+    cfg = TR.resolve({"fp8_level": 2, "fp8_gelu": 0, "bf16_norms": 0}, "cpu")
+    assert (cfg.fp8_gelu, cfg.bf16_norms) == (0, 0)
+    assert TR.resolve({"fp8_level": 0, "bf16_norms": 1}, "cpu").bf16_norms == 1
+    with pytest.raises(ValueError, match="resolve"):
+        TR.build(TR.TrainConfig(fp8_level=2, preset="tiny"), 1, "cpu", "")
 
 
 @pytest.mark.parametrize("master", ["fp16", "fp32"])
@@ -2521,11 +2538,13 @@ _LEVEL1_VAL = {}  # data_dir -> val losses of the plain level-1 tiny run (the ba
 
 def trains_like_level1(data_dir, out_dir, rtol: float, **flags) -> dict:
     """The tiny model at level 1 with flags, 15 steps: it learns, skips nothing, and its val loss ends within
-    rtol of plain level 1's (run once per data_dir); returns the run."""
+    rtol of plain level 1's (run once per data_dir; plain: no lever, the defaults --fp8_gelu=3 --bf16_norms=1
+    off, as in the run with flags unless flags name them); returns the run."""
+    plain = dict(fp8_level=1, max_steps=15, fp8_gelu=0, bf16_norms=0)
     if data_dir not in _LEVEL1_VAL:
-        _LEVEL1_VAL[data_dir] = run(data_dir, out_dir / "l1", fp8_level=1, max_steps=15)["val_losses"]
+        _LEVEL1_VAL[data_dir] = run(data_dir, out_dir / "l1", **plain)["val_losses"]
     vb = _LEVEL1_VAL[data_dir]
-    r = run(data_dir, out_dir / "opt", fp8_level=1, max_steps=15, **flags)
+    r = run(data_dir, out_dir / "opt", **{**plain, **flags})
     v = r["val_losses"]
     assert v[15] < v[0] - 1.2 and abs(v[15] - vb[15]) <= rtol * vb[15], (v, vb)
     assert r["n_skipped"] == 0

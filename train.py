@@ -52,10 +52,12 @@ class TrainConfig:
     arch: str = ""  # gpt2 | llama | fog; "" = gpt2
     fp8_level: int = -1  # 0..3; -1 = HIGHEST_LEVEL
     fp8_attention: bool = False  # QK^T and PV (fwd and bwd) in FP8 too (fp8.FP8Attention); levels >= 1
-    fp8_gelu: int = 0  # 1: keep the MLP's GELU input for the backward in FP8 (fp8.FP8SavedGELU); 2: that only, the
-    # GELU output's FP8 copy recomputed in the backward (fp8.FP8Linear.gelu_in); 3 (speed): the GELU fused into
-    # c_proj's input cast, nothing kept in FP8 that the plain path does not (fp8.FP8Linear.gelu_cast); levels >= 1
-    bf16_norms: bool = False  # norms reading the float32 residual stream keep it for the backward in BF16 (model.BF16Norm)
+    fp8_gelu: int = -1  # 0: plain GELU; 1: keep the MLP's GELU input for the backward in FP8 (fp8.FP8SavedGELU); 2:
+    # that only, the GELU output's FP8 copy recomputed in the backward (fp8.FP8Linear.gelu_in); 3 (speed): the GELU
+    # fused into c_proj's input cast, nothing kept in FP8 that the plain path does not (fp8.FP8Linear.gelu_cast);
+    # levels >= 1. -1 = 3 at levels >= 1, 0 at level 0
+    bf16_norms: int = -1  # 1: norms reading the float32 residual stream keep it for the backward in BF16 and return
+    # BF16 (model.BF16Norm); -1 = 1 at levels >= 1 (their output feeds an FP8 cast), 0 at level 0 (the reference)
     head_chunk: int = 0  # > 0: training loss in chunks of this many rows, no (B, T, V) logits kept (model.GPT.head)
     recompute_attn: bool = False  # keep each attention's input only, the backward re-runs it (model.use_recompute_attn)
     keep_weight_t: bool = True  # 0: no (K, N) FP8 weight copy between steps, dgrad transposes (1 byte/param less)
@@ -106,9 +108,11 @@ class TrainConfig:
             raise ValueError(f"--fp8_level must be 0..3 (or -1 = highest), got {self.fp8_level}")
         if self.fp8_attention and self.fp8_level == 0:
             raise ValueError("--fp8_attention=1 needs FP8 linears: use --fp8_level >= 1 (or --fp8_attention=0)")
-        if self.fp8_gelu not in (0, 1, 2, 3):
-            raise ValueError(f"--fp8_gelu must be 0, 1, 2 or 3, got {self.fp8_gelu}")
-        if self.fp8_gelu and self.fp8_level == 0:
+        if self.fp8_gelu not in (-1, 0, 1, 2, 3):
+            raise ValueError(f"--fp8_gelu must be 0, 1, 2 or 3 (or -1 = the level's default), got {self.fp8_gelu}")
+        if self.bf16_norms not in (-1, 0, 1):
+            raise ValueError(f"--bf16_norms must be 0 or 1 (or -1 = the level's default), got {self.bf16_norms}")
+        if self.fp8_gelu > 0 and self.fp8_level == 0:
             raise ValueError(f"--fp8_gelu={self.fp8_gelu} needs FP8 linears: use --fp8_level >= 1 (or --fp8_gelu=0)")
         if self.head_chunk < 0:
             raise ValueError(f"--head_chunk must be >= 0 (0 = the plain loss), got {self.head_chunk}")
@@ -174,7 +178,10 @@ def resolve(flags: dict, device: str) -> TrainConfig:
     cfg = TrainConfig(**merged)
     level = HIGHEST_LEVEL if cfg.fp8_level < 0 else cfg.fp8_level
     arch = cfg.arch or mcfg.arch
+    fp8_gelu = (3 if level >= 1 else 0) if cfg.fp8_gelu < 0 else cfg.fp8_gelu  # the fast paths at FP8 levels
+    bf16_norms = int(level >= 1) if cfg.bf16_norms < 0 else cfg.bf16_norms
     return replace(cfg, preset=preset, fp8_level=level, arch=arch, warmup_steps=max(cfg.warmup_steps, 0),
+                   fp8_gelu=fp8_gelu, bf16_norms=bf16_norms,
                    out_dir=cfg.out_dir or os.path.join("out", f"{preset}-{arch}-l{level}"),
                    data_dir=cfg.data_dir or os.path.join(REPO, "data", cfg.dataset))
 
@@ -656,7 +663,9 @@ class GraphedStep:
 
 def build(cfg: TrainConfig, world: int, device: str, ckpt_path: str):
     """Model (FP8 modules swapped in at the level), optimizer, resumed state, then the DDP and compile
-    wrappers: (raw model, model to call, optimizer, first step, skipped steps so far)."""
+    wrappers: (raw model, model to call, optimizer, first step, skipped steps so far). cfg: from resolve()."""
+    if min(cfg.fp8_level, cfg.fp8_gelu, cfg.bf16_norms) < 0:
+        raise ValueError("build() takes a resolve()d config (fp8_level, fp8_gelu, bf16_norms -1 = unresolved)")
     torch.manual_seed(cfg.seed)
     raw = fp8.convert_to_fp8(M.GPT(model_config(cfg)).to(device), cfg.fp8_level)
     for m in raw.modules():
