@@ -254,14 +254,17 @@ def _(h8, h_si, grad, x_dtype, a_scale, want_a_t, pad_t):
 
 @torch.library.custom_op("nanofp8::gelu_cast", mutates_args=("a_amax", "a_stats"))
 def _gelu_cast_op(h: torch.Tensor, a_scale: torch.Tensor, a_amax: torch.Tensor, a_stats: torch.Tensor, record: bool,
-                  count: bool, pad_t: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return kernels.gelu_cast_fwd(h, a_scale, a_amax if record else None, a_stats if count else None, pad_t)
+                  count: bool, pad_t: int, transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    a8, a8_t = kernels.gelu_cast_fwd(h, a_scale, a_amax if record else None, a_stats if count else None, pad_t,
+                                     transpose)
+    return a8, a8_t if transpose else a8.new_empty((0,))  # an op returns tensors: empty for "none"
 
 
 @_gelu_cast_op.register_fake
-def _(h, a_scale, a_amax, a_stats, record, count, pad_t):
+def _(h, a_scale, a_amax, a_stats, record, count, pad_t, transpose):
     M, N = h.shape
-    return h.new_empty((M, N), dtype=E4M3), h.new_empty((N, kernels.round_up(M, pad_t)), dtype=E4M3)
+    return h.new_empty((M, N), dtype=E4M3), h.new_empty((N, kernels.round_up(M, pad_t)) if transpose else (0,),
+                                                        dtype=E4M3)
 
 
 @torch.library.custom_op("nanofp8::gelu_bwd_hp", mutates_args=())
@@ -274,14 +277,16 @@ def _(h, grad):
     return grad.new_empty(grad.shape)
 
 
-def gelu_cast(h2, scale, amax, stats, pad_t):
-    """kernels.gelu_cast_fwd of (M, K) rows: (FP8(GELU(h)), its transposed copy). Custom op under torch.compile."""
+def gelu_cast(h2, scale, amax, stats, pad_t, transpose=True):
+    """kernels.gelu_cast_fwd of (M, K) rows: (FP8(GELU(h)), its transposed copy or None without transpose). Custom
+    op under torch.compile."""
     if torch.compiler.is_compiling():
         dummy = scale.new_zeros(1)
-        return _gelu_cast_op(h2, scale, amax if amax is not None else dummy,
-                             stats if stats is not None else dummy.new_zeros(2, dtype=torch.int32),
-                             amax is not None, stats is not None, pad_t)
-    return kernels.gelu_cast_fwd(h2, scale, amax, stats, pad_t)
+        a8, a8_t = _gelu_cast_op(h2, scale, amax if amax is not None else dummy,
+                                 stats if stats is not None else dummy.new_zeros(2, dtype=torch.int32),
+                                 amax is not None, stats is not None, pad_t, transpose)
+        return a8, a8_t if transpose else None
+    return kernels.gelu_cast_fwd(h2, scale, amax, stats, pad_t, transpose)
 
 
 def gelu_bwd_hp(h2, grad):
@@ -790,7 +795,7 @@ class _FP8GELUCastLinearFn(torch.autograd.Function):
         x_scale, x_si, x_amax, x_stats = x_meta_t
         w_fp8, w_fp8_t, w_si = w_fp8_t3
         h2 = h.detach().reshape(-1, h.shape[-1]).contiguous()  # (M, K): the c_fc output
-        a_fp8, a_t = gelu_cast(h2, x_scale, x_amax, x_stats, PAD_TOKENS)
+        a_fp8, a_t = gelu_cast(h2, x_scale, x_amax, x_stats, PAD_TOKENS, transpose=weight.requires_grad)
         out = gemm(a_fp8, w_fp8, x_si, w_si, _out_dtype(h), bias, precise=precise[0])  # (M, N)
         _linear_ctx(ctx, h, weight, bias, g_meta, w_fp8_t, precise)
         ctx.save_for_backward(h2, a_t, x_si, w_fp8_t if ctx.w_is_t else w_fp8, w_si, *g_meta_t, *grad_bufs)

@@ -525,29 +525,31 @@ def gelu_fp8_bwd(h8: torch.Tensor, h_si: torch.Tensor, grad: torch.Tensor, x_dty
 # --fp8_gelu=3: the GELU fused into its output's FP8 cast (h kept in the activation dtype, as the plain path)
 
 
-def gelu_cast_fwd_ref(h, a_scale, a_amax=None, a_stats=None, pad_t=1):
+def gelu_cast_fwd_ref(h, a_scale, a_amax=None, a_stats=None, pad_t=1, transpose=True):
     """Pure-torch reference of gelu_cast_fwd (same arguments and results)."""
     a = _gelu_parts_ref(h.float())[0].to(h.dtype)
-    return cast_to_fp8_ref(a, E4M3, a_scale, a_amax, transpose=True, pad_t=pad_t, stats=a_stats)
+    return cast_to_fp8_ref(a, E4M3, a_scale, a_amax, transpose=transpose, pad_t=pad_t, stats=a_stats)
 
 
 def gelu_cast_fwd(h: torch.Tensor, a_scale: torch.Tensor, a_amax: Optional[torch.Tensor] = None,
-                  a_stats: Optional[torch.Tensor] = None, pad_t: int = 1):
+                  a_stats: Optional[torch.Tensor] = None, pad_t: int = 1, transpose: bool = True):
     """tanh-GELU of h (M, N), rounded to h's dtype, cast to E4M3 with the delayed scale a_scale: (a8 (M, N),
-    a8_t (N, round_up(M, pad_t)), zero-padded), recording max|GELU(h)| into a_amax and the saturated / flushed
-    counts into a_stats. One read of h, no GELU output in BF16 written and read again (the unfused GELU + cast)."""
+    a8_t (N, round_up(M, pad_t)), zero-padded; None without transpose: no weight gradient reads it), recording
+    max|GELU(h)| into a_amax and the saturated / flushed counts into a_stats. One read of h, no GELU output in BF16
+    written and read again (the unfused GELU + cast)."""
     assert h.dim() == 2 and h.is_contiguous() and h.dtype in HP_DTYPES, f"gelu_cast_fwd: 2-D contiguous float, got {h.dtype} {tuple(h.shape)}"
     assert a_scale.numel() == 1 and a_scale.dtype == torch.float32
     if not use_triton(h):
-        return gelu_cast_fwd_ref(h, a_scale, a_amax, a_stats, pad_t)
+        return gelu_cast_fwd_ref(h, a_scale, a_amax, a_stats, pad_t, transpose)
     M, N = h.shape
-    MT = round_up(M, pad_t)
-    a8, a8_t = torch.empty(M, N, dtype=E4M3, device=h.device), torch.empty(N, MT, dtype=E4M3, device=h.device)
+    MT = round_up(M, pad_t) if transpose else M
+    a8 = torch.empty(M, N, dtype=E4M3, device=h.device)
+    a8_t = torch.empty(N, MT, dtype=E4M3, device=h.device) if transpose else None
     fi, (fe, fm) = torch.finfo(E4M3), fmax_bits(E4M3)
     BM, BN, warps = GELU_TILE if not INTERPRET else (16, 32, 1)
     _gelu_fwd_kernel[(triton.cdiv(MT, BM), triton.cdiv(N, BN))](
         h, a8, a_scale, a_scale, a8, a_scale, a_amax if a_amax is not None else a_scale,
-        a_stats if a_stats is not None else a_scale, a8_t, M, N, MT, H8=False, A_T=True,
+        a_stats if a_stats is not None else a_scale, a8_t if transpose else a8, M, N, MT, H8=False, A_T=transpose,
         A_FP8=True, HAS_AMAX=a_amax is not None, HAS_STATS=a_stats is not None, ROUND=_ROUND[h.dtype],
         FP8_MAX=fi.max, FP8_MIN_SUB=fi.smallest_normal * fi.eps, FMAX_EXP=fe, FMAX_MANT=fm,
         SOFT_CVT=INTERPRET or h.dtype == torch.float32, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps)
@@ -813,6 +815,8 @@ def _scaled_mm(a, b, a_si, b_si, out_dtype, bias):
 # max_num_imprecise_acc reaches ~1000-1070 (H100, docs/logs/cublas_precise_wgrad_shapes.log: 2304x768x16384 ran at 176
 # TFLOP/s precise on the persistent kernel, 1240 on cuBLAS; `bench.py gemm --gemm_shapes 2304x768x16384`, cublasP). NANOFP8_WGRAD=triton keeps it on the Triton kernel.
 WGRAD_BACKEND = os.environ.get("NANOFP8_WGRAD", "cublas")
+if WGRAD_BACKEND not in ("cublas", "triton"):  # at import, not at the first backward
+    raise ValueError(f"NANOFP8_WGRAD must be cublas or triton, got {WGRAD_BACKEND!r}")
 
 
 def _cublas_fp8_ok(a: torch.Tensor, b: torch.Tensor) -> bool:

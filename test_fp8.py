@@ -416,6 +416,15 @@ WGRAD_BACKEND_SQNR_DB = 0.2  # the BF16 rounding's noise is ~50 dB below E4M3's 
 WGRAD_BF16_AMAX_TOL = 2.0 ** -8  # the amax of the BF16 product: its rounding (2^-9 relative) and the FP32 sum's
 
 
+def test_bad_wgrad_backend_fails_at_import():
+    """NANOFP8_WGRAD is checked when kernels.py is imported, not at the first backward of a long run."""
+    import subprocess
+    env = {**os.environ, "NANOFP8_WGRAD": "cublass"}
+    res = subprocess.run([sys.executable, "-c", "import kernels"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "NANOFP8_WGRAD must be cublas or triton, got 'cublass'" in res.stderr
+
+
 @needs_gpu
 @pytest.mark.parametrize("N, K", [(768, 2304), (256, 192), (40, 72)])  # 40 x 72: not cuBLAS-able, Triton serves it
 def test_grad_accumulate_cublas_matches_triton(N, K):
@@ -2787,6 +2796,8 @@ def test_gelu_cast_kernels(dtype, shape):
     a8_ref, a8_t_ref = kernels.cast_to_fp8_ref(a, E4M3, scale, amax_ref, transpose=True, pad_t=16, stats=stats_ref)
     assert _bits_equal(a8, a8_ref) and _bits_equal(a8_t, a8_t_ref) and a8_t.shape == (shape[1], kernels.round_up(shape[0], 16))
     assert torch.equal(amax, amax_ref) and torch.equal(stats, stats_ref) and stats[0] >= 1
+    a8_nt, none = kernels.gelu_cast_fwd(h, scale, amax.zero_(), pad_t=16, transpose=False)  # no wgrad: no copy
+    assert none is None and _bits_equal(a8_nt, a8_ref) and torch.equal(amax, amax_ref)
     g = torch.randn(shape).to(dtype).to(DEV)
     gh = kernels.gelu_bwd(h, g)
     want = torch.ops.aten.gelu_backward(g.double(), h.double(), approximate="tanh")
@@ -2826,6 +2837,11 @@ def test_fp8_gelu_fused_cast_matches_plain():
     for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
         if p.grad is not None:
             assert sqnr_db(p.grad, q.grad) >= FP8_GELU_CAST_GRAD_SQNR_DB, (name, sqnr_db(p.grad, q.grad))
+    for m in (plain, fused):  # frozen c_proj weights: neither keeps the transposed FP8 copy a wgrad would read
+        for blk in m.transformer.h:
+            blk.mlp.c_proj.weight.requires_grad_(False)
+    frozen = {name: saved_sizes(m, idx)[1] for name, m in (("plain", plain), ("fused", fused))}
+    assert sum(frozen["plain"]) == sum(frozen["fused"]) < sum(out["plain"][1])
 
 
 def test_fp8_gelu_fused_cast_traces_under_torch_compile():
