@@ -2674,7 +2674,7 @@ def saved_sizes(model, idx, autocast: bool = True) -> tuple:
     return loss.item(), sizes
 
 
-def test_fp8_gelu_halves_the_saved_gelu_input():
+def test_fp8_gelu_halves_the_saved_gelu_input(torch_refs):
     """Bytes saved for the backward (saved_tensors_hooks) of a tiny level-1 GPT forward, with and without
     model.use_fp8_gelu: each block's GELU input (M, 4C) is kept as 1-byte E4M3 (+ a 4-byte scale) instead of
     its own dtype (float32 here: 3 bytes per element less)."""
@@ -2717,7 +2717,7 @@ def test_monitor_taps_read_the_same_with_gelu_recompute():
     torch.testing.assert_close(stats[1], stats[0], rtol=1e-2, atol=0)  # mlp_post of the GELU input: kurtosis x2+
 
 
-def test_fp8_gelu_recompute_matches_saved_input():
+def test_fp8_gelu_recompute_matches_saved_input(torch_refs):
     """--fp8_gelu=2 vs 1, same weights, 2 steps' forwards: the same loss and every gradient bit for bit but
     c_proj's weight gradient (within FP8_GELU_RECOMPUTE_WGRAD_SQNR_DB); per block, (4C, Mp) FP8 bytes less
     saved for the backward (the GELU output's transposed copy), 4 bytes more (the scale)."""
@@ -2747,7 +2747,7 @@ def test_fp8_gelu_recompute_matches_saved_input():
                 assert torch.equal(p.grad, q.grad), name
 
 
-def test_fp8_gelu_recompute_traces_under_torch_compile():
+def test_fp8_gelu_recompute_traces_under_torch_compile(torch_refs):
     """The GELU-applying FP8 c_proj in one graph (fullgraph); the same loss and gradients as eager."""
     torch._dynamo.reset()
     _compiled_matches_eager(_gelu_pair()[1])
@@ -2815,7 +2815,7 @@ def _gelu_plain_and_fused():
     return plain, M.use_fp8_gelu(copy.deepcopy(plain), fused_cast=True)
 
 
-def test_fp8_gelu_fused_cast_matches_plain():
+def test_fp8_gelu_fused_cast_matches_plain(torch_refs):
     """--fp8_gelu=3 vs plain level 2, same weights, one training forward + backward (BF16 autocast; the delayed
     scales' amax recording is test_gelu_cast_kernels'): the same bytes saved for the backward, the loss within
     float32 rounding, every gradient within FP8_GELU_CAST_GRAD_SQNR_DB."""
@@ -2844,7 +2844,7 @@ def test_fp8_gelu_fused_cast_matches_plain():
     assert sum(frozen["plain"]) == sum(frozen["fused"]) < sum(out["plain"][1])
 
 
-def test_fp8_gelu_fused_cast_traces_under_torch_compile():
+def test_fp8_gelu_fused_cast_traces_under_torch_compile(torch_refs):
     """The GELU-casting FP8 c_proj in one graph (fullgraph); the same loss and FP8 gradients as eager."""
     torch._dynamo.reset()
     _compiled_matches_eager(_gelu_plain_and_fused()[1])
@@ -2909,7 +2909,7 @@ def test_bf16_norm_matches_norm(kind):
         assert torch.equal(lean(x), norm(x))  # no autocast: the wrapped norm itself
 
 
-def test_bf16_norms_cut_saved_bytes_and_keep_names():
+def test_bf16_norms_cut_saved_bytes_and_keep_names(torch_refs):
     """use_bf16_norms: per pre-norm and ln_f, the float32 input (M, C) is saved as BF16 (2 bytes per element less;
     native LayerNorm also saves its bias, C floats); the state-dict keys stay; fog's post-norms are not swapped."""
     def build(arch, bf16_norms):
@@ -3115,7 +3115,7 @@ def test_recompute_attn_flag_trains_identically(data_dir, tmp_path):
     assert a["val_losses"] == b["val_losses"]
 
 
-def test_bench_saved_breakdown_cpu():
+def test_bench_saved_breakdown_cpu(torch_refs):
     """bench.saved_breakdown (bench.py saved) on the CPU, B=4, T=32, C=64, 4C=256, V=320: plain BF16 keeps each
     block's BF16 GELU input (4, 32, 256) and the float32 (128, 320) log-softmax; level 1 with the memory levers
     (FP8 GELU recompute, BF16 norms, chunked loss) keeps neither, and fewer bytes in all; groups come largest
