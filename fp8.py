@@ -281,10 +281,7 @@ def gelu_cast(h2, scale, amax, stats, pad_t, transpose=True):
     """kernels.gelu_cast_fwd of (M, K) rows: (FP8(GELU(h)), its transposed copy or None without transpose). Custom
     op under torch.compile."""
     if torch.compiler.is_compiling():
-        dummy = scale.new_zeros(1)
-        a8, a8_t = _gelu_cast_op(h2, scale, amax if amax is not None else dummy,
-                                 stats if stats is not None else dummy.new_zeros(2, dtype=torch.int32),
-                                 amax is not None, stats is not None, pad_t, transpose)
+        a8, a8_t = _gelu_cast_op(h2, scale, *_op_slots(scale, amax, stats), pad_t, transpose)
         return a8, a8_t if transpose else None
     return kernels.gelu_cast_fwd(h2, scale, amax, stats, pad_t, transpose)
 
@@ -296,13 +293,19 @@ def gelu_bwd_hp(h2, grad):
     return kernels.gelu_bwd(h2, grad)
 
 
+def _op_slots(scale, amax, stats):
+    """(amax, stats, record, count) for a custom op under torch.compile: an Optional mutable argument would confuse
+    inductor, so a missing amax slot (not recording: eval) or stats pair becomes a scratch tensor, and a flag says
+    whether the op writes it."""
+    dummy = scale.new_zeros(1)
+    return (amax if amax is not None else dummy, stats if stats is not None else dummy.new_zeros(2, dtype=torch.int32),
+            amax is not None, stats is not None)
+
+
 def cast(x, fp8_dtype, scale, amax, stats, transpose=False, pad_t=1, colsum_out=None):
     """Delayed-scaling cast (records amax); custom op under torch.compile, direct call in eager."""
     if torch.compiler.is_compiling():
-        dummy = scale.new_zeros(1)  # not recording (eval): a scratch slot, functional for the compiler
-        amax = amax if amax is not None else dummy
-        count = stats is not None  # (an Optional mutable argument would confuse inductor: a flag instead)
-        stats = stats if count else dummy.new_zeros(2, dtype=torch.int32)
+        amax, stats, _, count = _op_slots(scale, amax, stats)  # the op records into the scratch slot: harmless
         y, y_t, cs = _cast_op(x, scale, amax, stats, fp8_dtype, transpose, pad_t, colsum_out is not None, count)
         if colsum_out is not None:
             colsum_out.copy_(cs)
@@ -330,10 +333,8 @@ def gelu_fwd(h2, a_meta_t=None):
     None) given: a is GELU(h)'s E4M3 copy with that delayed scale. Custom op under torch.compile."""
     if torch.compiler.is_compiling():
         scale, amax, stats = a_meta_t if a_meta_t is not None else (h2.new_ones(1, dtype=torch.float32), None, None)
-        dummy = scale.new_zeros(1)
-        return _gelu_fwd_op(h2, scale, amax if amax is not None else dummy,
-                            stats if stats is not None else dummy.new_zeros(2, dtype=torch.int32),
-                            a_meta_t is not None, amax is not None, stats is not None)
+        amax, stats, record, count = _op_slots(scale, amax, stats)
+        return _gelu_fwd_op(h2, scale, amax, stats, a_meta_t is not None, record, count)
     return kernels.gelu_fp8_fwd(h2, *(a_meta_t or ()))
 
 
