@@ -14,6 +14,7 @@ FP8-LM (arXiv 2310.18313) section 2 / DESIGN.md "Numerics conventions":
 Usage:  model = convert_to_fp8(model, level=1); loss.backward(); update_scaling(model)
 """
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -239,6 +240,20 @@ def _(h, a_scale, a_amax, a_stats, a_fp8, record, count):
         h.new_empty(h.shape, dtype=E4M3 if a_fp8 else h.dtype)
 
 
+@torch.library.custom_op("nanofp8::gelu_fwd_delayed", mutates_args=("h_amax", "h_stats", "a_amax", "a_stats"))
+def _gelu_fwd_delayed_op(h: torch.Tensor, h_scale: torch.Tensor, h_si: torch.Tensor, h_amax: torch.Tensor,
+                         h_stats: torch.Tensor, a_scale: torch.Tensor, a_amax: torch.Tensor, a_stats: torch.Tensor,
+                         record: bool, count: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    h8, _, a8 = kernels.gelu_fp8_fwd(h, a_scale, a_amax if record else None, a_stats if count else None,
+                                     (h_scale, h_si, h_amax if record else None, h_stats if count else None))
+    return h8, a8
+
+
+@_gelu_fwd_delayed_op.register_fake
+def _(h, h_scale, h_si, h_amax, h_stats, a_scale, a_amax, a_stats, record, count):
+    return h.new_empty(h.shape, dtype=E4M3), h.new_empty(h.shape, dtype=E4M3)
+
+
 @torch.library.custom_op("nanofp8::gelu_bwd", mutates_args=())
 def _gelu_bwd_op(h8: torch.Tensor, h_si: torch.Tensor, grad: torch.Tensor, x_dtype: torch.dtype,
                  a_scale: torch.Tensor, want_a_t: bool, pad_t: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,6 +290,37 @@ def _gelu_bwd_hp_op(h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 @_gelu_bwd_hp_op.register_fake
 def _(h, grad):
     return grad.new_empty(grad.shape)
+
+
+@torch.library.custom_op("nanofp8::norm_fwd", mutates_args=())
+def _norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
+                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, x16, mean, rstd = kernels.norm_fwd(x, weight, bias, eps, out_dtype)
+    return y, x16, (mean if mean is not None else rstd.new_empty(0)), rstd
+
+
+@_norm_fwd_op.register_fake
+def _(x, weight, bias, eps, out_dtype):
+    M = x.shape[0]
+    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape, dtype=torch.bfloat16), \
+        x.new_empty((M,) if bias is not None else (0,), dtype=torch.float32), x.new_empty(M, dtype=torch.float32)
+
+
+# NANOFP8_NORM_OP=0: the BF16 norms' forward by torch ops (inductor fuses them with the residual add, and its
+# partitioner may keep the float32 stream instead of the BF16 copy): for A/B measurements
+NORM_OP = os.environ.get("NANOFP8_NORM_OP", "1") != "0"
+
+
+def norm_fwd(x2, weight, bias, eps, out_dtype):
+    """kernels.norm_fwd: (y, x in BF16, mean or None, rstd). A custom op under torch.compile: an op the
+    partitioner cannot recompute, so the compiled block keeps this BF16 copy for the norm's backward rather
+    than the float32 residual stream it was made from (2 bytes per element less; model._BF16NormFn)."""
+    if not NORM_OP:
+        return kernels.norm_fwd_ref(x2, weight, bias, eps, out_dtype)
+    if torch.compiler.is_compiling():
+        y, x16, mean, rstd = _norm_fwd_op(x2, weight, bias, eps, out_dtype)
+        return y, x16, (mean if bias is not None else None), rstd
+    return kernels.norm_fwd(x2, weight, bias, eps, out_dtype)
 
 
 def gelu_cast(h2, scale, amax, stats, pad_t, transpose=True):
@@ -328,9 +374,21 @@ def amax_into(x, amax):
     return kernels.amax_into(x, amax)
 
 
-def gelu_fwd(h2, a_meta_t=None):
+def gelu_fwd(h2, a_meta_t=None, h_meta_t=None):
     """kernels.gelu_fp8_fwd of (M, K) rows: (h8, h_scale_inv, a); a_meta_t (scale, amax slot or None, stats or
-    None) given: a is GELU(h)'s E4M3 copy with that delayed scale. Custom op under torch.compile."""
+    None) given: a is GELU(h)'s E4M3 copy with that delayed scale; h_meta_t (scale, scale_inv, amax slot or None,
+    stats or None; with a_meta_t) given: h8 with that delayed scale too (--fp8_gelu=4). Custom op under
+    torch.compile."""
+    if h_meta_t is not None:
+        assert a_meta_t is not None, "gelu_fwd: a delayed h scale goes with an FP8 GELU output"
+        if not torch.compiler.is_compiling():
+            return kernels.gelu_fp8_fwd(h2, *a_meta_t, h_meta=h_meta_t)
+        h_scale, h_si, h_amax, h_stats = h_meta_t
+        h_amax, h_stats, _, _ = _op_slots(h_scale, h_amax, h_stats)
+        a_scale, a_amax, a_stats = a_meta_t
+        a_amax, a_stats, record, count = _op_slots(a_scale, a_amax, a_stats)
+        h8, a8 = _gelu_fwd_delayed_op(h2, h_scale, h_si, h_amax, h_stats, a_scale, a_amax, a_stats, record, count)
+        return h8, h_si, a8
     if torch.compiler.is_compiling():
         scale, amax, stats = a_meta_t if a_meta_t is not None else (h2.new_ones(1, dtype=torch.float32), None, None)
         amax, stats, record, count = _op_slots(scale, amax, stats)
@@ -475,6 +533,9 @@ class FP8Linear(nn.Linear):
         # with gelu_in: the GELU fused into the input cast instead, h kept as it is (_FP8GELUCastLinearFn;
         # model.use_fp8_gelu(fused_cast=True), --fp8_gelu=3)
         self.gelu_cast = False
+        # with gelu_in, not gelu_cast: h kept in FP8 with this delayed scale, not a just-in-time one
+        # (model.use_fp8_gelu(recompute=True, delayed=True), --fp8_gelu=4)
+        self.h_meta = None
 
     def fp8_weight(self):
         """(w_fp8 (N, K), w_fp8_t (K, N), scale_inv). Kept by the optimizer (FP8AdamW): as it wrote them.
@@ -513,16 +574,20 @@ class FP8Linear(nn.Linear):
         if not self.x_meta.primed:
             with torch.no_grad():
                 self.x_meta.prime(torch.nn.functional.gelu(x, approximate="tanh") if self.gelu_in else x)
+        if self.h_meta is not None and not self.h_meta.primed:
+            with torch.no_grad():
+                self.h_meta.prime(x)
         m, g = self.x_meta, self.g_meta
         record = self.training and not _recomputing  # eval forwards must not steer the training scales
         # under torch.compile a model that was never run eagerly starts from scale 1 (as TE does)
         prime_g = not g.primed and not torch.compiler.is_compiling() and torch.is_grad_enabled()
         fn = (_FP8GELUCastLinearFn if self.gelu_cast else _FP8GELULinearFn) if self.gelu_in else _FP8LinearFn
+        h_meta = () if self.h_meta is None else (self.h_meta.cast_args(record),)  # --fp8_gelu=4
         return fn.apply(
             x, self.weight, self.bias, g if prime_g else None,
             m.cast_args(record), g.cast_args(),
             (self.weight_grad_fp8, self.weight_grad_scale_inv, self.weight_grad_amax),
-            self.fp8_weight(), self.precise_acc,
+            self.fp8_weight(), self.precise_acc, *h_meta,
         )
 
     def extra_repr(self):
@@ -753,17 +818,19 @@ class _FP8SavedGELUFn(torch.autograd.Function):
 
 class _FP8GELULinearFn(torch.autograd.Function):
     """proj(tanh-GELU(h)) for an FP8Linear proj that keeps for the backward only h, as E4M3 with a just-in-time
-    scale (as _FP8SavedGELUFn). The FP8 copy of GELU(h) that proj's wgrad reads, which the plain path keeps
-    from the forward, is recomputed from it in the backward, in the same pass that computes GELU's input
+    scale (as _FP8SavedGELUFn; --fp8_gelu=2) or (h_meta_t given: --fp8_gelu=4) its own delayed scale, which
+    spares the amax pass over h: then one read of h writes both FP8 copies, as --fp8_gelu=3's one read writes
+    FP8(GELU(h)) and its transposed copy. The FP8 copy of GELU(h) that proj's wgrad reads, which the plain path
+    keeps from the forward, is recomputed from it in the backward, in the same pass that computes GELU's input
     gradient (kernels.gelu_fp8_bwd): 1 byte per hidden element kept instead of 2 (--fp8_gelu=1) or 3 (BF16
     GELU input + FP8 copy). The wgrad then reads FP8(GELU(FP8(h))), with the forward's delayed scale."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, g_meta, x_meta_t, g_meta_t, grad_bufs, w_fp8_t3, precise):
+    def forward(ctx, h, weight, bias, g_meta, x_meta_t, g_meta_t, grad_bufs, w_fp8_t3, precise, h_meta_t=None):
         x_scale, x_si, x_amax, x_stats = x_meta_t
         w_fp8, w_fp8_t, w_si = w_fp8_t3
         h2 = h.detach().reshape(-1, h.shape[-1]).contiguous()  # (M, K): the c_fc output
-        h8, h_si, a_fp8 = gelu_fwd(h2, (x_scale, x_amax, x_stats))  # one read of h for both FP8 copies
+        h8, h_si, a_fp8 = gelu_fwd(h2, (x_scale, x_amax, x_stats), h_meta_t)  # one read of h for both FP8 copies
         out = gemm(a_fp8, w_fp8, x_si, w_si, _out_dtype(h), bias, precise=precise[0])  # (M, N)
         _linear_ctx(ctx, h, weight, bias, g_meta, w_fp8_t, precise)
         ctx.save_for_backward(h8, h_si, x_scale, x_si, w_fp8_t if ctx.w_is_t else w_fp8, w_si, *g_meta_t, *grad_bufs)
@@ -782,7 +849,7 @@ class _FP8GELULinearFn(torch.autograd.Function):
         grad_a, grad_b = _linear_backward(ctx, grad_output, recomputed_x_t, x_si, w_t, w_si, g_and_bufs)
         if not grad_h:  # no wgrad (frozen weight): the input gradient alone
             grad_h.append(gelu_bwd(h8, h_si, grad_a, ctx.x_dtype)[0])
-        return grad_h[0].view(ctx.x_shape), None, grad_b, None, None, None, None, None, None
+        return grad_h[0].view(ctx.x_shape), None, grad_b, None, None, None, None, None, None, None
 
 
 class _FP8GELUCastLinearFn(torch.autograd.Function):

@@ -397,8 +397,23 @@ def _to_e4m3(v, dst_ty: tl.constexpr, FP8_MAX: tl.constexpr, SOFT_CVT: tl.conste
 
 
 @triton.jit
-def _gelu_fwd_kernel(h_ptr, h8_ptr, h_amax_ptr, h_si_ptr, a_ptr, a_scale_ptr, a_amax_ptr, a_stats_ptr, at_ptr,
-                     M, N, MT, H8: tl.constexpr, A_T: tl.constexpr,
+def _record_cast(v, scale, amax_ptr, stats_ptr, HAS_AMAX: tl.constexpr, HAS_STATS: tl.constexpr,
+                 FP8_MAX: tl.constexpr, FP8_MIN_SUB: tl.constexpr):
+    """A delayed-scaling cast site's records for the tile v (fp32, masked-out elements 0): (HAS_AMAX) max|v| into
+    amax_ptr (NaN -> inf), (HAS_STATS) the counts of values that saturate / flush to zero at `scale` into stats_ptr."""
+    if HAS_AMAX:
+        tl.atomic_max(amax_ptr, tl.max(tl.max(tl.where(v == v, tl.abs(v), float("inf")), axis=1), axis=0))
+    if HAS_STATS:
+        n_sat = tl.sum(tl.sum((tl.abs(v * scale) >= FP8_MAX).to(tl.int32), axis=1), axis=0)
+        n_ftz = tl.sum(tl.sum(((v != 0) & (tl.abs(v * scale) < FP8_MIN_SUB * 0.5)).to(tl.int32), axis=1), axis=0)
+        tl.atomic_add(stats_ptr, n_sat)
+        tl.atomic_add(stats_ptr + 1, n_ftz)
+
+
+@triton.jit
+def _gelu_fwd_kernel(h_ptr, h8_ptr, h_amax_ptr, h_si_ptr, h_stats_ptr, a_ptr, a_scale_ptr, a_amax_ptr, a_stats_ptr,
+                     at_ptr, M, N, MT, H8: tl.constexpr, HAS_H_AMAX: tl.constexpr, HAS_H_STATS: tl.constexpr,
+                     A_T: tl.constexpr,
                      A_FP8: tl.constexpr, HAS_AMAX: tl.constexpr, HAS_STATS: tl.constexpr, ROUND: tl.constexpr,
                      FP8_MAX: tl.constexpr, FP8_MIN_SUB: tl.constexpr, FMAX_EXP: tl.constexpr,
                      FMAX_MANT: tl.constexpr, SOFT_CVT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -408,22 +423,20 @@ def _gelu_fwd_kernel(h_ptr, h8_ptr, h_amax_ptr, h_si_ptr, a_ptr, a_scale_ptr, a_
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     offs = offs_m[:, None] * N + offs_n[None, :]
     x = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if H8:  # h -> E4M3 with the just-in-time scale of its amax (a previous pass), as cast_to_fp8's JIT_SCALE
+    if H8 == 1:  # h -> E4M3 with the just-in-time scale of its amax (a previous pass), as cast_to_fp8's JIT_SCALE
         scale = _pow2_scale(tl.load(h_amax_ptr), FMAX_EXP, FMAX_MANT, 0)
         if (pid_m == 0) & (pid_n == 0):
             tl.store(h_si_ptr, 1.0 / scale)
         tl.store(h8_ptr + offs, _to_e4m3(x * scale, h8_ptr.dtype.element_ty, FP8_MAX, SOFT_CVT, ROUND), mask=mask)
+    elif H8 == 2:  # --fp8_gelu=4: h -> E4M3 with its own delayed scale (h_si_ptr: that scale), no amax pass
+        scale = tl.load(h_si_ptr)
+        _record_cast(x, scale, h_amax_ptr, h_stats_ptr, HAS_H_AMAX, HAS_H_STATS, FP8_MAX, FP8_MIN_SUB)
+        tl.store(h8_ptr + offs, _to_e4m3(x * scale, h8_ptr.dtype.element_ty, FP8_MAX, SOFT_CVT, ROUND), mask=mask)
     a, _ = _gelu_parts(x)
     a = _round_to(a, ROUND, SOFT_CVT)  # as the unfused GELU's output in the activation dtype
     if A_FP8:  # --fp8_gelu=2: the FP8 copy the next GEMM reads, delayed scaling (as _cast_kernel)
-        if HAS_AMAX:
-            tl.atomic_max(a_amax_ptr, tl.max(tl.max(tl.where(a == a, tl.abs(a), float("inf")), axis=1), axis=0))
         a_scale = tl.load(a_scale_ptr)
-        if HAS_STATS:
-            n_sat = tl.sum(tl.sum((tl.abs(a * a_scale) >= FP8_MAX).to(tl.int32), axis=1), axis=0)
-            n_ftz = tl.sum(tl.sum(((a != 0) & (tl.abs(a * a_scale) < FP8_MIN_SUB * 0.5)).to(tl.int32), axis=1), axis=0)
-            tl.atomic_add(a_stats_ptr, n_sat)
-            tl.atomic_add(a_stats_ptr + 1, n_ftz)
+        _record_cast(a, a_scale, a_amax_ptr, a_stats_ptr, HAS_AMAX, HAS_STATS, FP8_MAX, FP8_MIN_SUB)
         a8 = _to_e4m3(a * a_scale, a_ptr.dtype.element_ty, FP8_MAX, SOFT_CVT, ROUND)
         tl.store(a_ptr + offs, a8, mask=mask)
         if A_T:  # --fp8_gelu=3: and its transposed copy for the wgrad, rows padded to MT with zeros (GELU(0) = 0)
@@ -454,13 +467,21 @@ def _gelu_bwd_kernel(h8_ptr, h_si_ptr, g_ptr, gh_ptr, at_ptr, a_scale_ptr, M, N,
 
 
 _ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-GELU_TILE = (64, 128, 8)  # BLOCK_M, BLOCK_N, num_warps: the cast's tile (elementwise, with a transposed store)
+# BLOCK_M, BLOCK_N, num_warps of the forward (gelu_fp8_fwd, gelu_cast_fwd) and backward (gelu_fp8_bwd, gelu_bwd)
+# kernels: the fastest of 10 tiles at the 1.3B MLP's (16384, 8192) BF16 on the H100 (triton do_bench, tenth session:
+# --fp8_gelu=4's forward 289 -> 280 us, backward 318 -> 298 us; =3's 236 -> 232, 290 -> 286; a copy of h: 182 us)
+GELU_TILE = (32, 256, 8)
+GELU_BWD_TILE = (32, 128, 4)
 
 
-def gelu_fp8_fwd_ref(h, a_scale=None, a_amax=None, a_stats=None):
+def gelu_fp8_fwd_ref(h, a_scale=None, a_amax=None, a_stats=None, h_meta=None):
     """Pure-torch reference of gelu_fp8_fwd (same arguments and results)."""
-    h_si = torch.empty(1, device=h.device)
-    h8, _ = cast_to_fp8_ref(h, E4M3, None, amax_into(h, torch.zeros(1, device=h.device)), scale_inv_out=h_si)
+    if h_meta is None:
+        h_si = torch.empty(1, device=h.device)
+        h8, _ = cast_to_fp8_ref(h, E4M3, None, amax_into(h, torch.zeros(1, device=h.device)), scale_inv_out=h_si)
+    else:
+        h_scale, h_si, h_amax, h_stats = h_meta
+        h8, _ = cast_to_fp8_ref(h, E4M3, h_scale, h_amax, stats=h_stats)
     a = _gelu_parts_ref(h.float())[0].to(h.dtype)
     if a_scale is not None:
         a, _ = cast_to_fp8_ref(a, E4M3, a_scale, a_amax, stats=a_stats)
@@ -468,25 +489,33 @@ def gelu_fp8_fwd_ref(h, a_scale=None, a_amax=None, a_stats=None):
 
 
 def gelu_fp8_fwd(h: torch.Tensor, a_scale: Optional[torch.Tensor] = None, a_amax: Optional[torch.Tensor] = None,
-                 a_stats: Optional[torch.Tensor] = None):
-    """tanh-GELU of h (M, N) that also returns h as E4M3 with a just-in-time power-of-two scale (the input the
-    backward keeps): (h8, h_scale_inv (1,), a). a = GELU(h) in h's dtype, or (a_scale given) its E4M3 copy with
-    that delayed scale, recording max|a| into a_amax and (a_stats, int32 (2,)) the saturated / flushed counts.
-    Two passes over h: its amax, then one read for both outputs."""
+                 a_stats: Optional[torch.Tensor] = None, h_meta: Optional[tuple] = None):
+    """tanh-GELU of h (M, N) that also returns h as E4M3 (the input the backward keeps): (h8, h_scale_inv (1,), a).
+    a = GELU(h) in h's dtype, or (a_scale given) its E4M3 copy with that delayed scale, recording max|a| into
+    a_amax and (a_stats, int32 (2,)) the saturated / flushed counts. h's scale: just-in-time, a power of two
+    from its own amax (two passes over h: its amax, then one read for both outputs); or (h_meta = (scale,
+    scale_inv, amax slot or None, stats or None), --fp8_gelu=4) delayed, recorded as a's: one pass, scale_inv
+    returned as given."""
     assert h.dim() == 2 and h.is_contiguous() and h.dtype in HP_DTYPES, f"gelu_fp8_fwd: 2-D contiguous float, got {h.dtype} {tuple(h.shape)}"
     assert a_scale is not None or (a_amax is None and a_stats is None), "a_amax / a_stats need a_scale"
     if not use_triton(h):
-        return gelu_fp8_fwd_ref(h, a_scale, a_amax, a_stats)
+        return gelu_fp8_fwd_ref(h, a_scale, a_amax, a_stats, h_meta)
     M, N = h.shape
-    h8, h_si = torch.empty(M, N, dtype=E4M3, device=h.device), torch.empty(1, device=h.device)
+    h8 = torch.empty(M, N, dtype=E4M3, device=h.device)
     a = torch.empty(M, N, dtype=E4M3 if a_scale is not None else h.dtype, device=h.device)
-    h_amax = amax_into(h, torch.zeros(1, device=h.device))
+    if h_meta is None:
+        h_si, h_amax, h_stats = torch.empty(1, device=h.device), amax_into(h, torch.zeros(1, device=h.device)), None
+        h_arg = h_si  # the kernel writes the scale's inverse here
+    else:
+        h_arg, h_si, h_amax, h_stats = h_meta  # the kernel reads the scale from here
     fi, (fe, fm) = torch.finfo(E4M3), fmax_bits(E4M3)
     BM, BN, warps = GELU_TILE if not INTERPRET else (16, 32, 1)
-    dummy = h_amax
+    dummy = h_si
     _gelu_fwd_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
-        h, h8, h_amax, h_si, a, a_scale if a_scale is not None else dummy, a_amax if a_amax is not None else dummy,
-        a_stats if a_stats is not None else dummy, a, M, N, M, H8=True, A_T=False,
+        h, h8, h_amax if h_amax is not None else dummy, h_arg, h_stats if h_stats is not None else dummy,
+        a, a_scale if a_scale is not None else dummy, a_amax if a_amax is not None else dummy,
+        a_stats if a_stats is not None else dummy, a, M, N, M, H8=1 if h_meta is None else 2,
+        HAS_H_AMAX=h_meta is not None and h_amax is not None, HAS_H_STATS=h_stats is not None, A_T=False,
         A_FP8=a_scale is not None, HAS_AMAX=a_amax is not None, HAS_STATS=a_stats is not None, ROUND=_ROUND[h.dtype],
         FP8_MAX=fi.max, FP8_MIN_SUB=fi.smallest_normal * fi.eps, FMAX_EXP=fe, FMAX_MANT=fm,
         SOFT_CVT=INTERPRET or h.dtype == torch.float32, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps)
@@ -514,7 +543,7 @@ def gelu_fp8_bwd(h8: torch.Tensor, h_si: torch.Tensor, grad: torch.Tensor, x_dty
     MT = round_up(M, pad_t) if a_scale is not None else M
     gh = torch.empty_like(grad)
     a_t = torch.empty(N, MT, dtype=E4M3, device=h8.device) if a_scale is not None else None
-    BM, BN, warps = GELU_TILE if not INTERPRET else (16, 32, 1)
+    BM, BN, warps = GELU_BWD_TILE if not INTERPRET else (16, 32, 1)
     _gelu_bwd_kernel[(triton.cdiv(MT, BM), triton.cdiv(N, BN))](
         h8, h_si, grad, gh, a_t if a_t is not None else h8, a_scale if a_scale is not None else h_si, M, N, MT,
         WANT_AT=a_scale is not None, ROUND=_ROUND[x_dtype], GROUND=_ROUND[grad.dtype], FP8_MAX=torch.finfo(E4M3).max,
@@ -548,8 +577,9 @@ def gelu_cast_fwd(h: torch.Tensor, a_scale: torch.Tensor, a_amax: Optional[torch
     fi, (fe, fm) = torch.finfo(E4M3), fmax_bits(E4M3)
     BM, BN, warps = GELU_TILE if not INTERPRET else (16, 32, 1)
     _gelu_fwd_kernel[(triton.cdiv(MT, BM), triton.cdiv(N, BN))](
-        h, a8, a_scale, a_scale, a8, a_scale, a_amax if a_amax is not None else a_scale,
-        a_stats if a_stats is not None else a_scale, a8_t if transpose else a8, M, N, MT, H8=False, A_T=transpose,
+        h, a8, a_scale, a_scale, a_scale, a8, a_scale, a_amax if a_amax is not None else a_scale,
+        a_stats if a_stats is not None else a_scale, a8_t if transpose else a8, M, N, MT, H8=0, HAS_H_AMAX=False,
+        HAS_H_STATS=False, A_T=transpose,
         A_FP8=True, HAS_AMAX=a_amax is not None, HAS_STATS=a_stats is not None, ROUND=_ROUND[h.dtype],
         FP8_MAX=fi.max, FP8_MIN_SUB=fi.smallest_normal * fi.eps, FMAX_EXP=fe, FMAX_MANT=fm,
         SOFT_CVT=INTERPRET or h.dtype == torch.float32, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps)
@@ -569,12 +599,135 @@ def gelu_bwd(h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         return gelu_bwd_ref(h, grad)
     M, N = h.shape
     gh = torch.empty_like(grad)
-    BM, BN, warps = GELU_TILE if not INTERPRET else (16, 32, 1)
+    BM, BN, warps = GELU_BWD_TILE if not INTERPRET else (16, 32, 1)
     _gelu_bwd_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
         h, grad, grad, gh, h, grad, M, N, M, WANT_AT=False, ROUND=_ROUND[h.dtype], GROUND=_ROUND[grad.dtype],
         FP8_MAX=torch.finfo(E4M3).max, SOFT_CVT=INTERPRET or h.dtype == torch.float32, H_FP8=False,
         BLOCK_M=BM, BLOCK_N=BN, num_warps=warps)
     return gh
+
+
+# ----------------------------------------------------------------------------------------------
+# pre-norm forward that also writes its input in BF16 for the backward (model.BF16Norm, --bf16_norms=1)
+
+
+@triton.jit
+def _norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, x16_ptr, mean_ptr, rstd_ptr, M, N, eps,
+                     RMS: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND: tl.constexpr, SOFT: tl.constexpr,
+                     ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    offs = rows[:, None] * N + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if RMS:
+        xc = x
+    else:
+        mean = tl.sum(x, axis=1) / N
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        tl.store(mean_ptr + rows, mean, mask=rows < M)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)  # exact sqrt and division, as torch's rsqrt to ~1 ulp
+    tl.store(rstd_ptr + rows, rstd, mask=rows < M)
+    y = xc * rstd[:, None] * tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs, _round_to(y, ROUND, SOFT).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(x16_ptr + offs, _round_to(x, 1, SOFT).to(tl.bfloat16), mask=mask)
+
+
+def norm_fwd_ref(x, weight, bias, eps, out_dtype):
+    """Pure-torch reference of norm_fwd (same arguments and results)."""
+    xf = x.float()
+    if bias is not None:
+        y, mean, rstd = torch.native_layer_norm(xf, (x.shape[-1],), weight.float(), bias.float(), eps)
+        mean = mean.view(-1)
+    else:
+        mean, rstd = None, torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+        y = xf * rstd * weight.float()
+    return y.to(out_dtype), x.to(torch.bfloat16), mean, rstd.view(-1)
+
+
+NORM_MAX_N = 16384  # one row in registers: wider rows take the torch path
+
+
+def norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
+             out_dtype: torch.dtype):
+    """LayerNorm (bias given) or RMSNorm (bias None) of the rows of x (M, N), in float32: (y in out_dtype, x in
+    BF16, mean (M,) float32 or None (RMS), rstd (M,) float32). One read of x writes both the output and the BF16
+    copy the backward keeps (model._BF16NormFn)."""
+    assert x.dim() == 2 and x.is_contiguous() and x.dtype in HP_DTYPES, f"norm_fwd: 2-D contiguous float, got {x.dtype} {tuple(x.shape)}"
+    assert weight.shape == (x.shape[1],) and (bias is None or bias.shape == weight.shape)
+    M, N = x.shape
+    if not use_triton(x) or N > NORM_MAX_N:
+        return norm_fwd_ref(x, weight, bias, eps, out_dtype)
+    y, x16 = torch.empty(M, N, dtype=out_dtype, device=x.device), torch.empty(M, N, dtype=torch.bfloat16, device=x.device)
+    mean = torch.empty(M, device=x.device) if bias is not None else None
+    rstd = torch.empty(M, device=x.device)
+    BN = triton.next_power_of_2(N)
+    rows = max(1, min(16, 4096 // BN)) if not INTERPRET else 2  # ~4096 elements per program
+    _norm_fwd_kernel[(triton.cdiv(M, rows),)](
+        x, weight, bias if bias is not None else weight, y, x16, mean if mean is not None else rstd, rstd, M, N, eps,
+        RMS=bias is None, HAS_BIAS=bias is not None, ROUND=_ROUND[out_dtype], SOFT=INTERPRET, ROWS=rows,
+        BLOCK_N=BN, num_warps=8 if BN * rows >= 4096 else 4)
+    return y, x16, mean, rstd
+
+
+# ----------------------------------------------------------------------------------------------
+# cross-entropy of a chunk of logits and its gradient, one kernel (model._ChunkedHeadLossFn, --head_chunk)
+
+
+@triton.jit
+def _ce_kernel(logits_ptr, t_ptr, inv_n_ptr, loss_ptr, g_ptr, V, IGNORE: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0)
+    base = row.to(tl.int64) * V
+    t = tl.load(t_ptr + row)
+    ok = t != IGNORE
+    cols = tl.arange(0, BLOCK_V)
+    m_vec = tl.full([BLOCK_V], -1e30, tl.float32)  # per-lane running max and sum of exp (online softmax)
+    s_vec = tl.zeros([BLOCK_V], tl.float32)
+    for off in range(0, V, BLOCK_V):
+        x = tl.load(logits_ptr + base + off + cols, mask=off + cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m_vec, x)
+        s_vec = s_vec * tl.exp(m_vec - m_new) + tl.exp(x - m_new)  # a NaN logit makes the sum, so the loss, NaN
+        m_vec = m_new
+    m = tl.max(m_vec, axis=0)
+    lse = m + tl.log(tl.sum(s_vec * tl.exp(m_vec - m), axis=0))
+    tc = tl.where(ok, t, 0)
+    x_t = tl.load(logits_ptr + base + tc).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(ok, lse - x_t, 0.0))
+    w = tl.where(ok, tl.load(inv_n_ptr), 0.0)  # d mean-loss / d logit = (softmax - one-hot) / n
+    for off in range(0, V, BLOCK_V):
+        c = off + cols
+        x = tl.load(logits_ptr + base + c, mask=c < V, other=0.0).to(tl.float32)
+        g = (tl.exp(x - lse) - (c == tc).to(tl.float32)) * w
+        tl.store(g_ptr + base + c, g.to(g_ptr.dtype.element_ty), mask=c < V)
+
+
+def ce_chunk_ref(logits, targets, inv_n, ignore_index=-100):
+    """Pure-torch reference of ce_chunk (same arguments and results)."""
+    lf = logits.to(torch.float32, copy=True)  # (worked on in place below)
+    ok = (targets != ignore_index).unsqueeze(1)
+    t = targets.clamp_min(0).unsqueeze(1)
+    lse = torch.logsumexp(lf, dim=1, keepdim=True)
+    loss = ((lse - lf.gather(1, t)) * ok).squeeze(1)
+    p = lf.sub_(lse).exp_().scatter_add_(1, t, torch.full_like(lse, -1.0))  # softmax - one-hot, in place
+    return loss, p.mul_(ok * inv_n).to(logits.dtype)
+
+
+def ce_chunk(logits: torch.Tensor, targets: torch.Tensor, inv_n: torch.Tensor, ignore_index: int = -100):
+    """Cross-entropy of the rows of logits (m, V) against targets (m,) (ignore_index: no loss, no gradient), in
+    float32: (loss per row (m,) float32, gradient of sum(loss) * inv_n (a (1,) tensor: 1 / the batch's target
+    count) w.r.t. the logits, (m, V) in logits' dtype). One kernel: two reads of the logits, one write; no
+    float32 copy of the chunk (the torch sequence writes and rereads (m, V) float32 several times)."""
+    assert logits.dim() == 2 and logits.is_contiguous() and targets.shape == logits.shape[:1]
+    if not use_triton(logits):
+        return ce_chunk_ref(logits, targets, inv_n, ignore_index)
+    m, V = logits.shape
+    loss = torch.empty(m, device=logits.device)
+    g = torch.empty_like(logits)
+    _ce_kernel[(m,)](logits, targets, inv_n, loss, g, V, IGNORE=ignore_index,
+                     BLOCK_V=4096 if not INTERPRET else 64, num_warps=8 if not INTERPRET else 1)
+    return loss, g
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fp8
+import kernels
 
 ARCHS = ("gpt2", "llama", "fog")
 INIT_STD = 0.02  # GPT-2's init of every Linear and Embedding weight
@@ -105,15 +106,12 @@ class _BF16NormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, out_dtype):
-        xf = x.float()
-        if bias is not None:
-            y, mean, rstd = torch.native_layer_norm(xf, (x.shape[-1],), weight.float(), bias.float(), eps)
-        else:
-            mean, rstd = None, torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
-            y = xf * rstd * weight.float()
-        ctx.save_for_backward(x.to(torch.bfloat16), mean, rstd, weight)
+        C, stats = x.shape[-1], x.shape[:-1] + (1,)
+        y, x16, mean, rstd = fp8.norm_fwd(x.reshape(-1, C).contiguous(), weight, bias, eps, out_dtype)  # one pass
+        ctx.save_for_backward(x16.view(x.shape), mean.view(stats) if mean is not None else None, rstd.view(stats),
+                              weight)
         ctx.has_bias, ctx.in_dtype = bias is not None, x.dtype
-        return y.to(out_dtype)
+        return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, gy):
@@ -203,13 +201,17 @@ def use_fp8_attention(model: nn.Module) -> nn.Module:
     return _swap_children(model, lambda c: isinstance(c, CausalSDPA), make)
 
 
-def use_fp8_gelu(model: nn.Module, recompute: bool = False, fused_cast: bool = False) -> nn.Module:
+def use_fp8_gelu(model: nn.Module, recompute: bool = False, fused_cast: bool = False, delayed: bool = False) -> nn.Module:
     """Swap every tanh-GELU for fp8.FP8SavedGELU: its input is kept for the backward in FP8 (1 byte per element
     instead of 2); at fp8 levels >= 1 (train.py --fp8_gelu=1). recompute (--fp8_gelu=2): instead, each MLP's
     FP8 c_proj applies the GELU itself (fp8.FP8Linear.gelu_in) and keeps only the FP8 GELU input, recomputing
     the FP8 GELU output its wgrad needs in the backward: 1 byte per hidden element instead of 2. fused_cast
     (--fp8_gelu=3, speed): c_proj applies the GELU inside its input's FP8 cast (fp8.FP8Linear.gelu_cast) and keeps
-    what the plain path keeps: no BF16 GELU output is written and read again."""
+    what the plain path keeps: no BF16 GELU output is written and read again. delayed (with recompute:
+    --fp8_gelu=4, memory at =3's speed): h's FP8 copy takes a delayed scale of its own (fp8.FP8Linear.h_meta)
+    instead of a just-in-time one, so no pass over h for its amax."""
+    if delayed and not recompute:
+        raise ValueError("use_fp8_gelu: delayed (--fp8_gelu=4) goes with recompute")
     if not (recompute or fused_cast):
         return _swap_children(model, lambda c: isinstance(c, nn.GELU) and c.approximate == "tanh",
                               lambda c: fp8.FP8SavedGELU())
@@ -217,6 +219,11 @@ def use_fp8_gelu(model: nn.Module, recompute: bool = False, fused_cast: bool = F
         if isinstance(mod, MLP) and isinstance(mod.act, nn.GELU) and mod.act.approximate == "tanh" \
                 and isinstance(mod.c_proj, fp8.FP8Linear):
             mod.act, mod.c_proj.gelu_in, mod.c_proj.gelu_cast = nn.Identity(), True, fused_cast
+            if delayed:
+                x_meta = mod.c_proj.x_meta
+                mod.c_proj.h_meta = fp8.ScalingMeta(fp8.E4M3, len(x_meta.amax_history), x_meta.margin,
+                                                    x_meta.scale.device)
+                mod.c_proj.h_meta.features = mod.c_proj.in_features
     return model
 
 
@@ -387,33 +394,38 @@ class _ChunkedHeadLossFn(torch.autograd.Function):
     loss is a scalar: its backward only scales them). Peak extra memory: one chunk's float32 logits. The
     plain head keeps the BF16 logits, their float32 copy and the float32 log-softmax alive at once, ~10 bytes
     per logit (8 GB for a (16384, 50304) batch). Each chunk is what the plain head computes: BF16 logits
-    under autocast, float32 softmax, BF16 logit gradient, BF16 GEMMs."""
+    under autocast, float32 softmax, BF16 logit gradient, BF16 GEMMs; the softmax and its gradient are one kernel
+    (kernels.ce_chunk). Runs eagerly even in a compiled head (chunked_head_loss): inductor, planning the unrolled
+    chunk loop as one graph, kept several chunks' float32 logits alive at once (+3 GB at the 1.3B peak)."""
 
     @staticmethod
     def forward(ctx, x, w, targets, chunk):
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         xc, wc = x.to(dt), w.to(dt)  # (M, C), (V, C)
-        valid = targets != -100
-        n = valid.sum().clamp_min(1).float()
+        inv_n = 1.0 / (targets != -100).sum().clamp_min(1).float().reshape(1)
         gx, gw = torch.empty_like(xc), torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         for s in range(0, x.shape[0], chunk):
-            logits = (xc[s:s + chunk] @ wc.t()).float()  # (m, V)
-            t, ok = targets[s:s + chunk].clamp_min(0).unsqueeze(1), valid[s:s + chunk].unsqueeze(1)
-            lse = torch.logsumexp(logits, dim=1, keepdim=True)  # (m, 1)
-            loss += ((lse - logits.gather(1, t)) * ok).sum()
-            p = logits.sub_(lse).exp_().scatter_add_(1, t, torch.full_like(lse, -1.0))  # softmax - one-hot, in place
-            g = p.mul_(ok / n).to(dt)  # d loss / d logits
-            gx[s:s + chunk] = g @ wc
-            gw += (g.t() @ xc[s:s + chunk]).float()
+            logits = xc[s:s + chunk] @ wc.t()  # (m, V), in dt
+            rows, g = kernels.ce_chunk(logits, targets[s:s + chunk].contiguous(), inv_n)  # g: d loss / d logits
+            del logits
+            loss += rows.sum()
+            torch.matmul(g, wc, out=gx[s:s + chunk])
+            gw += g.t() @ xc[s:s + chunk]  # float32 accumulation of the BF16 GEMM's (V, C) result
         ctx.save_for_backward(gx, gw)
         ctx.x_dtype, ctx.w_dtype = x.dtype, w.dtype
-        return loss / n
+        return (loss * inv_n).squeeze(0)
 
     @staticmethod
     def backward(ctx, grad_loss):
         gx, gw = ctx.saved_tensors
         return (gx * grad_loss).to(ctx.x_dtype), (gw * grad_loss).to(ctx.w_dtype), None, None
+
+
+@torch.compiler.disable
+def chunked_head_loss(x, w, targets, chunk):
+    """_ChunkedHeadLossFn, eager also inside a compiled head (a graph break): one chunk's buffers at a time."""
+    return _ChunkedHeadLossFn.apply(x, w, targets, chunk)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -491,8 +503,8 @@ class GPT(nn.Module):
             return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)
         if self.head_chunk and torch.is_grad_enabled():  # training: no (B, T, V) logits (chunked loss)
             B, T, C = x.shape
-            return None, _ChunkedHeadLossFn.apply(x.reshape(B * T, C), self.lm_head.weight, targets.reshape(-1),
-                                                  self.head_chunk)
+            return None, chunked_head_loss(x.reshape(B * T, C), self.lm_head.weight, targets.reshape(-1),
+                                           self.head_chunk)
         logits = self.lm_head(x)  # (B, T, V)
         # loss in float32: a BF16 log-softmax over 50k classes loses the small probabilities
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))

@@ -55,6 +55,7 @@ class TrainConfig:
     fp8_gelu: int = -1  # 0: plain GELU; 1: keep the MLP's GELU input for the backward in FP8 (fp8.FP8SavedGELU); 2:
     # that only, the GELU output's FP8 copy recomputed in the backward (fp8.FP8Linear.gelu_in); 3 (speed): the GELU
     # fused into c_proj's input cast, nothing kept in FP8 that the plain path does not (fp8.FP8Linear.gelu_cast);
+    # 4 (memory): as 2, with a delayed scale for the kept FP8 GELU input (no amax pass; fp8.FP8Linear.h_meta);
     # levels >= 1. -1 = 3 at levels >= 1, 0 at level 0
     bf16_norms: int = -1  # 1: norms reading the float32 residual stream keep it for the backward in BF16 and return
     # BF16 (model.BF16Norm); -1 = 1 at levels >= 1 (their output feeds an FP8 cast), 0 at level 0 (the reference)
@@ -108,8 +109,8 @@ class TrainConfig:
             raise ValueError(f"--fp8_level must be 0..3 (or -1 = highest), got {self.fp8_level}")
         if self.fp8_attention and self.fp8_level == 0:
             raise ValueError("--fp8_attention=1 needs FP8 linears: use --fp8_level >= 1 (or --fp8_attention=0)")
-        if self.fp8_gelu not in (-1, 0, 1, 2, 3):
-            raise ValueError(f"--fp8_gelu must be 0, 1, 2 or 3 (or -1 = the level's default), got {self.fp8_gelu}")
+        if self.fp8_gelu not in (-1, 0, 1, 2, 3, 4):
+            raise ValueError(f"--fp8_gelu must be 0..4 (or -1 = the level's default), got {self.fp8_gelu}")
         if self.bf16_norms not in (-1, 0, 1):
             raise ValueError(f"--bf16_norms must be 0 or 1 (or -1 = the level's default), got {self.bf16_norms}")
         if self.fp8_gelu > 0 and self.fp8_level == 0:
@@ -431,6 +432,17 @@ def save_checkpoint(path: str, model, opt, step: int, cfg: TrainConfig, n_skippe
     os.replace(tmp, path)
 
 
+def load_model_state(model, sd: dict) -> None:
+    """model.load_state_dict(sd), strict but for the scaling sites of --fp8_gelu=4 (fp8.FP8Linear.h_meta): a run
+    may switch --fp8_gelu on resume; a site the checkpoint lacks starts unprimed, one it has too many is dropped."""
+    own = model.state_dict().keys()
+    missing, unexpected = model.load_state_dict({k: v for k, v in sd.items() if ".h_meta." not in k or k in own},
+                                                strict=False)
+    missing = [k for k in missing if ".h_meta." not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
+
+
 def load_checkpoint(path: str, model, opt, cfg: TrainConfig, device: str) -> dict:
     """Restore model (with FP8 metas), optimizer and RNG in place; returns the checkpoint dict."""
     ckpt = torch.load(path, map_location=device, weights_only=True)
@@ -438,7 +450,7 @@ def load_checkpoint(path: str, model, opt, cfg: TrainConfig, device: str) -> dic
         raise ValueError(f"{path} holds fp8_level={ckpt['fp8_level']} model {ckpt['model_config']}, this run wants "
                          f"fp8_level={cfg.fp8_level} model {asdict(model.config)}: pass the flags of that run "
                          f"or another --out_dir")
-    model.load_state_dict(ckpt["model"])
+    load_model_state(model, ckpt["model"])
     opt.load_state_dict(local_opt_state(model, opt, ckpt["optimizer"]) if cfg.fp8_level == 3 else ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
     if ckpt["rng"]["cuda"] and torch.cuda.is_available():
@@ -675,7 +687,7 @@ def build(cfg: TrainConfig, world: int, device: str, ckpt_path: str):
     if cfg.fp8_attention:
         M.use_fp8_attention(raw)
     if cfg.fp8_gelu:
-        M.use_fp8_gelu(raw, recompute=cfg.fp8_gelu == 2, fused_cast=cfg.fp8_gelu == 3)
+        M.use_fp8_gelu(raw, recompute=cfg.fp8_gelu in (2, 4), fused_cast=cfg.fp8_gelu == 3, delayed=cfg.fp8_gelu == 4)
     if cfg.bf16_norms:
         M.use_bf16_norms(raw)
     if cfg.recompute_attn:
@@ -790,7 +802,7 @@ def sample(cfg: TrainConfig, device: str) -> str:
     m = fp8.convert_to_fp8(M.GPT(M.GPTConfig(**ck["model_config"])), ck["fp8_level"]).to(device)
     if ck["config"].get("fp8_attention"):
         M.use_fp8_attention(m)
-    m.load_state_dict(ck["model"])
+    load_model_state(m, ck["model"])  # a --fp8_gelu=4 run's h_meta sites: not in this plain model
     m.eval()
     enc = prepare.get_tokenizer()
     idx = torch.tensor([enc.encode_ordinary(cfg.prompt) or [enc.eot_token]], device=device)  # (1, T)
