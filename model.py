@@ -105,9 +105,10 @@ class _BF16NormFn(torch.autograd.Function):
     that a level-2 block keeps; BF16's relative rounding (2^-9) is far below the FP8 gradients' own error."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, out_dtype):
+    def forward(ctx, x, weight, bias, eps, out_dtype, op=True):
         C, stats = x.shape[-1], x.shape[:-1] + (1,)
-        y, x16, mean, rstd = fp8.norm_fwd(x.reshape(-1, C).contiguous(), weight, bias, eps, out_dtype)  # one pass
+        fwd = fp8.norm_fwd if op else kernels.norm_fwd_ref
+        y, x16, mean, rstd = fwd(x.reshape(-1, C).contiguous(), weight, bias, eps, out_dtype)  # one pass
         ctx.save_for_backward(x16.view(x.shape), mean.view(stats) if mean is not None else None, rstd.view(stats),
                               weight)
         ctx.has_bias, ctx.in_dtype = bias is not None, x.dtype
@@ -127,7 +128,7 @@ class _BF16NormFn(torch.autograd.Function):
             g = gy * weight.float()
             gx = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
             gw, gb = (gy * xhat).reshape(-1, xf.shape[-1]).sum(0), None
-        return gx.to(ctx.in_dtype), gw.to(weight.dtype), gb, None, None
+        return gx.to(ctx.in_dtype), gw.to(weight.dtype), gb, None, None, None
 
 
 class BF16Norm(nn.Module):
@@ -139,13 +140,14 @@ class BF16Norm(nn.Module):
         super().__init__()
         self.weight, self.bias, self.eps = norm.weight, getattr(norm, "bias", None), norm.eps
         self.rms = isinstance(norm, RMSNorm)
+        self.op = True  # the forward by fp8.norm_fwd (one kernel, opaque to torch.compile), else by torch ops
 
     def forward(self, x):
         if not (torch.is_autocast_enabled(x.device.type) and torch.is_grad_enabled()):
             if self.rms:
                 return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps)
             return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
-        return _BF16NormFn.apply(x, self.weight, self.bias, self.eps, torch.get_autocast_dtype(x.device.type))
+        return _BF16NormFn.apply(x, self.weight, self.bias, self.eps, torch.get_autocast_dtype(x.device.type), self.op)
 
 
 def rope_tables(cfg: GPTConfig):
@@ -240,8 +242,15 @@ def use_recompute_attn(model: nn.Module) -> nn.Module:
 
 def use_bf16_norms(model: nn.Module) -> nn.Module:
     """Swap every norm that reads the float32 residual stream (the pre-norms and ln_f; not fog's post-norms,
-    which read BF16 branch outputs and write the stream) for BF16Norm (train.py --bf16_norms=1)."""
-    return _swap_children(model, lambda c: isinstance(c, (nn.LayerNorm, RMSNorm)), BF16Norm, keep_in=(FogBlock,))
+    which read BF16 branch outputs and write the stream) for BF16Norm (train.py --bf16_norms=1). Each block's ln_2
+    is left to torch ops (BF16Norm.op False): it reads x + attn(...), an add inductor fuses into the norm, and its
+    partitioner then keeps the BF16 copy; ln_1 and ln_f read their compiled region's input, which it would keep
+    in float32 instead (a graph input looks free to it), so they run fp8.norm_fwd, an op it cannot see through."""
+    _swap_children(model, lambda c: isinstance(c, (nn.LayerNorm, RMSNorm)), BF16Norm, keep_in=(FogBlock,))
+    for mod in model.modules():
+        if isinstance(mod, Block) and isinstance(mod.ln_2, BF16Norm):
+            mod.ln_2.op = False
+    return model
 
 
 class Attention(nn.Module):

@@ -3067,6 +3067,7 @@ def test_compiled_block_keeps_bf16_norm_inputs(torch_refs):
     model = fp8.convert_to_fp8(M.GPT(M.GPTConfig(n_layer=1, n_head=2, n_embd=C, block_size=T, vocab_size=256)), 2)
     M.use_bf16_norms(M.use_fp8_gelu(model, recompute=True, delayed=True))
     block = model.transformer.h[0]
+    assert block.ln_1.op and not block.ln_2.op  # ln_2's input is made inside the block: inductor's to fuse
     x = torch.randn(B, T, C)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         block(x)  # eager first: primes the scales
