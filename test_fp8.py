@@ -2728,12 +2728,16 @@ def test_fp8_gelu_halves_the_saved_gelu_input(torch_refs):
 FP8_GELU_RECOMPUTE_WGRAD_SQNR_DB = 20.0
 
 
-def _gelu_pair():
+def _gelu_models(*modes):
+    """A tiny level-1 GPT, one copy (the same weights) per model.use_fp8_gelu keyword set in modes."""
     torch.manual_seed(0)
     cfg = M.GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=320)
-    saved_in = fp8.convert_to_fp8(M.GPT(cfg), 1)
-    recompute = copy.deepcopy(saved_in)
-    return M.use_fp8_gelu(saved_in), M.use_fp8_gelu(recompute, recompute=True)
+    base = fp8.convert_to_fp8(M.GPT(cfg), 1)
+    return tuple(M.use_fp8_gelu(copy.deepcopy(base), **mode) for mode in modes)
+
+
+def _gelu_pair():
+    return _gelu_models({}, dict(recompute=True))  # --fp8_gelu=1, 2
 
 
 def test_monitor_taps_read_the_same_with_gelu_recompute():
@@ -2790,12 +2794,7 @@ FP8_GELU_DELAYED_GRAD_SQNR_DB = 20.0
 
 
 def _gelu_delayed_pair():
-    """The tiny level-1 GPT of _gelu_pair with --fp8_gelu=2 and (the same weights) --fp8_gelu=4."""
-    torch.manual_seed(0)
-    cfg = M.GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=320)
-    two = fp8.convert_to_fp8(M.GPT(cfg), 1)
-    four = copy.deepcopy(two)
-    return M.use_fp8_gelu(two, recompute=True), M.use_fp8_gelu(four, recompute=True, delayed=True)
+    return _gelu_models(dict(recompute=True), dict(recompute=True, delayed=True))  # --fp8_gelu=2, 4
 
 
 def test_fp8_gelu_delayed_matches_recompute(torch_refs):
