@@ -112,6 +112,21 @@ def _add_prev(x, prev_ptr, prev_si_ptr, offs, mask):
 
 
 @triton.jit
+def _record_cast(v, scale, amax_ptr, stats_ptr, HAS_AMAX: tl.constexpr, HAS_STATS: tl.constexpr,
+                 FP8_MAX: tl.constexpr, FP8_MIN_SUB: tl.constexpr):
+    """A delayed-scaling cast site's records for the tile v (fp32, masked-out elements 0): (HAS_AMAX) max|v| into
+    amax_ptr, (HAS_STATS) the counts of values that saturate / flush to zero at `scale` into stats_ptr (for
+    monitoring). Used by the cast and the fused GELU kernels."""
+    if HAS_AMAX:  # NaN would poison atomic max unpredictably: count it as +inf, which the meta reports
+        tl.atomic_max(amax_ptr, tl.max(tl.max(tl.where(v == v, tl.abs(v), float("inf")), axis=1), axis=0))
+    if HAS_STATS:
+        n_sat = tl.sum(tl.sum((tl.abs(v * scale) >= FP8_MAX).to(tl.int32), axis=1), axis=0)
+        n_ftz = tl.sum(tl.sum(((v != 0) & (tl.abs(v * scale) < FP8_MIN_SUB * 0.5)).to(tl.int32), axis=1), axis=0)
+        tl.atomic_add(stats_ptr, n_sat)
+        tl.atomic_add(stats_ptr + 1, n_ftz)
+
+
+@triton.jit
 def _cast_kernel(
     x_ptr, y_ptr, yt_ptr, scale_ptr, amax_ptr, stats_ptr, scale_inv_ptr, colsum_ptr, prev_ptr, prev_si_ptr,  # pointers
     M, N, MT,  # sizes: x is (M, N); y_t is (N, MT) with MT >= M, columns M..MT-1 zero-filled
@@ -141,16 +156,8 @@ def _cast_kernel(
             tl.store(scale_inv_ptr, 1.0 / scale)
     else:
         scale = tl.load(scale_ptr)
-    if HAS_AMAX:
-        # NaN would poison atomic max unpredictably: count it as +inf, which the meta reports
-        ax = tl.where(x == x, tl.abs(x), float("inf"))
-        tl.atomic_max(amax_ptr, tl.max(tl.max(ax, axis=1), axis=0))
+    _record_cast(x, scale, amax_ptr, stats_ptr, HAS_AMAX, HAS_STATS, FP8_MAX, FP8_MIN_SUB)
     xs = x * scale
-    if HAS_STATS:  # saturated and flushed-to-zero counts, for monitoring
-        n_sat = tl.sum(tl.sum((tl.abs(xs) >= FP8_MAX).to(tl.int32), axis=1), axis=0)
-        n_ftz = tl.sum(tl.sum(((x != 0) & (tl.abs(xs) < FP8_MIN_SUB * 0.5)).to(tl.int32), axis=1), axis=0)
-        tl.atomic_add(stats_ptr, n_sat)
-        tl.atomic_add(stats_ptr + 1, n_ftz)
     # saturate (clamp before every cast: the conversion itself may not), NaN stays NaN
     y = tl.clamp(xs, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
     if SOFT_CVT:
@@ -394,20 +401,6 @@ def _to_e4m3(v, dst_ty: tl.constexpr, FP8_MAX: tl.constexpr, SOFT_CVT: tl.conste
     if VIA == 2:
         return v.to(tl.float16).to(dst_ty)
     return v.to(dst_ty)
-
-
-@triton.jit
-def _record_cast(v, scale, amax_ptr, stats_ptr, HAS_AMAX: tl.constexpr, HAS_STATS: tl.constexpr,
-                 FP8_MAX: tl.constexpr, FP8_MIN_SUB: tl.constexpr):
-    """A delayed-scaling cast site's records for the tile v (fp32, masked-out elements 0): (HAS_AMAX) max|v| into
-    amax_ptr (NaN -> inf), (HAS_STATS) the counts of values that saturate / flush to zero at `scale` into stats_ptr."""
-    if HAS_AMAX:
-        tl.atomic_max(amax_ptr, tl.max(tl.max(tl.where(v == v, tl.abs(v), float("inf")), axis=1), axis=0))
-    if HAS_STATS:
-        n_sat = tl.sum(tl.sum((tl.abs(v * scale) >= FP8_MAX).to(tl.int32), axis=1), axis=0)
-        n_ftz = tl.sum(tl.sum(((v != 0) & (tl.abs(v * scale) < FP8_MIN_SUB * 0.5)).to(tl.int32), axis=1), axis=0)
-        tl.atomic_add(stats_ptr, n_sat)
-        tl.atomic_add(stats_ptr + 1, n_ftz)
 
 
 @triton.jit
