@@ -342,15 +342,17 @@ def bench_step(args) -> dict:
         runs = []  # (tag, level, compile_, graph, spec) in table order
         for label, level in STEP_VARIANTS:
             modes = {0: ((True, True), (False, True)), TORCHAO: ((True, True), (True, False))}
-            spec = args.step_flags if level >= 1 else args.bf16_flags
-            extra = f" +{spec}" if spec else ""
-            tags = [(f"{label}{' +compile' if c else ''}{' +graph' if g else ''}{extra}", c, g)
-                    for c, g in modes.get(level, ((False, True), (True, True), (True, False)))]
-            tags = [t for t in tags if wanted(t[0], args.variants)]
-            if tags and level == TORCHAO and importlib.util.find_spec("torchao") is None:
-                print(f"{name:<6} {label:<26} skipped: torchao is not installed (optional peer)")
-                continue
-            runs += [(tag, level, c, g, spec) for tag, c, g in tags]
+            # --step_flags "a=1 | a=2,b=0": one variant per flag set, all measured in the same rounds
+            specs = [f.strip() for f in args.step_flags.split("|")] if level >= 1 else [args.bf16_flags]
+            for spec in specs:
+                extra = f" +{spec}" if spec else ""
+                tags = [(f"{label}{' +compile' if c else ''}{' +graph' if g else ''}{extra}", c, g)
+                        for c, g in modes.get(level, ((False, True), (True, True), (True, False)))]
+                tags = [t for t in tags if wanted(t[0], args.variants)]
+                if tags and level == TORCHAO and importlib.util.find_spec("torchao") is None:
+                    print(f"{name:<6} {label:<26} skipped: torchao is not installed (optional peer)")
+                    continue
+                runs += [(tag, level, c, g, spec) for tag, c, g in tags]
         rounds = {tag: [] for tag, *_ in runs}
         for rnd in range(args.rounds):
             base = None  # this round's first variant (BF16 when it runs): the ratios' reference
@@ -967,7 +969,8 @@ def main(argv=None):
     p.add_argument("--presets", nargs="+", default=["124m"], help=f"for step: {sorted(STEP_SHAPES)}")
     p.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: one step variant
     p.add_argument("--profile", type=int, default=0, help="step: also print the top CUDA kernels per variant")
-    p.add_argument("--step_flags", default="", help='step: train.py flags for the FP8 levels, e.g. "fp8_gelu=1"')
+    p.add_argument("--step_flags", default="", help='step: train.py flags for the FP8 levels, e.g. "fp8_gelu=1"; '
+                   '"a=1 | b=0": one variant per flag set')
     p.add_argument("--bf16_flags", default="", help='step: train.py flags for BF16 and torchao, e.g. "head_chunk=2048"')
     p.add_argument("--variants", default="", help="step: only variants whose label contains this; comm: a comma list")
     p.add_argument("--sizes", nargs="+", default=["124M", "1.3B"], choices=list(SHAPES), help="optim, memory")

@@ -168,15 +168,17 @@ class FP8Tensor:
 
 @torch.library.custom_op("nanofp8::cast", mutates_args=("amax", "stats"))
 def _cast_op(x: torch.Tensor, scale: torch.Tensor, amax: torch.Tensor, stats: torch.Tensor, fp8_dtype: torch.dtype,
-             transpose: bool, pad_t: int, colsum: bool, count: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    cs = x.new_empty(x.shape[1], dtype=torch.float32) if colsum else None
-    y, y_t = kernels.cast_to_fp8(x, fp8_dtype, scale, amax, transpose, pad_t, stats if count else None, colsum_out=cs)
+             transpose: bool, pad_t: int, colsum: bool, count: bool, x_more: list[torch.Tensor],
+             round_to: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    cs = x.new_empty(x.shape[1] * (1 + len(x_more)), dtype=torch.float32) if colsum else None
+    y, y_t = kernels.cast_to_fp8((x, *x_more) if x_more else x, fp8_dtype, scale, amax, transpose, pad_t,
+                                 stats if count else None, colsum_out=cs, round_to=round_to)
     return y, (y_t if y_t is not None else y.new_empty(0)), (cs if colsum else x.new_empty(0, dtype=torch.float32))
 
 
 @_cast_op.register_fake
-def _(x, scale, amax, stats, fp8_dtype, transpose, pad_t, colsum, count):
-    M, N = x.shape
+def _(x, scale, amax, stats, fp8_dtype, transpose, pad_t, colsum, count, x_more, round_to):
+    M, N = x.shape[0], x.shape[1] * (1 + len(x_more))
     y_t = x.new_empty((N, kernels.round_up(M, pad_t)) if transpose else (0,), dtype=fp8_dtype)
     return x.new_empty((M, N), dtype=fp8_dtype), y_t, x.new_empty(N if colsum else 0, dtype=torch.float32)
 
@@ -348,15 +350,19 @@ def _op_slots(scale, amax, stats):
             amax is not None, stats is not None)
 
 
-def cast(x, fp8_dtype, scale, amax, stats, transpose=False, pad_t=1, colsum_out=None):
-    """Delayed-scaling cast (records amax); custom op under torch.compile, direct call in eager."""
+def cast(x, fp8_dtype, scale, amax, stats, transpose=False, pad_t=1, colsum_out=None, round_to=None):
+    """Delayed-scaling cast (records amax); custom op under torch.compile, direct call in eager. x: a tensor, or a
+    tuple of parts cast as their column-wise concatenation (kernels.cast_to_fp8, as round_to)."""
     if torch.compiler.is_compiling():
         amax, stats, _, count = _op_slots(scale, amax, stats)  # the op records into the scratch slot: harmless
-        y, y_t, cs = _cast_op(x, scale, amax, stats, fp8_dtype, transpose, pad_t, colsum_out is not None, count)
+        x, x_more = (x[0], list(x[1:])) if isinstance(x, (tuple, list)) else (x, [])
+        y, y_t, cs = _cast_op(x, scale, amax, stats, fp8_dtype, transpose, pad_t, colsum_out is not None, count,
+                              x_more, round_to)
         if colsum_out is not None:
             colsum_out.copy_(cs)
         return y, (y_t if transpose else None)
-    return kernels.cast_to_fp8(x, fp8_dtype, scale, amax, transpose, pad_t, stats, colsum_out=colsum_out)
+    return kernels.cast_to_fp8(x, fp8_dtype, scale, amax, transpose, pad_t, stats, colsum_out=colsum_out,
+                               round_to=round_to)
 
 
 def cast_jit(x, amax, out, scale_inv_out, transpose=False):
@@ -437,10 +443,12 @@ def accumulate_fp8_grad(grad_fp8, grad_scale_inv, grad_amax, g_t, g_si, x_t, x_s
 
 class _FP8LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, g_meta, x_meta_t, g_meta_t, grad_bufs, w_fp8_t3, precise):
+    def forward(ctx, x, weight, bias, g_meta, x_meta_t, g_meta_t, grad_bufs, w_fp8_t3, precise, residual=None,
+                n_split=1):
         # x_meta_t / g_meta_t: (scale, scale_inv, amax slot, stats) of the input / grad_output casts;
         # w_fp8_t3: the weight already in FP8 (w_fp8 (N, K), w_fp8_t (K, N), scale_inv);
-        # precise: (fwd, dgrad, wgrad) FP32 promotion of the MMA sums (FP8Linear.precise_acc)
+        # precise: (fwd, dgrad, wgrad) FP32 promotion of the MMA sums (FP8Linear.precise_acc);
+        # residual, n_split: see FP8Linear.forward
         x_scale, x_si, x_amax, x_stats = x_meta_t
         w_fp8, w_fp8_t, w_si = w_fp8_t3
         K = x.shape[-1]
@@ -448,16 +456,39 @@ class _FP8LinearFn(torch.autograd.Function):
         need_wgrad = weight.requires_grad
         x_fp8, x_fp8_t = cast(x2, E4M3, x_scale, x_amax, x_stats, transpose=need_wgrad, pad_t=PAD_TOKENS)
         out = gemm(x_fp8, w_fp8, x_si, w_si, _out_dtype(x), bias, precise=precise[0])  # (M, N)
-        _linear_ctx(ctx, x, weight, bias, g_meta, w_fp8_t, precise)
+        _linear_ctx(ctx, x, weight, bias, g_meta, w_fp8_t, precise, residual)
         # FP8 copies are what backward needs: 1 byte per element instead of BF16's 2
         ctx.save_for_backward(x_fp8_t, x_si, w_fp8_t if ctx.w_is_t else w_fp8, w_si, *g_meta_t, *grad_bufs)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return _linear_out(out.view(*x.shape[:-1], out.shape[-1]), residual, n_split)
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, *grad_outputs):
         x_t, x_si, w_t, w_si, *g_and_bufs = ctx.saved_tensors
+        grad_output = grad_outputs if len(grad_outputs) > 1 else grad_outputs[0]
         grad_x, grad_b = _linear_backward(ctx, grad_output, lambda grad_x: x_t, x_si, w_t, w_si, g_and_bufs)
-        return grad_x.view(ctx.x_shape), None, grad_b, None, None, None, None, None, None
+        return grad_x.view(ctx.x_shape), None, grad_b, None, None, None, None, None, None, (grad_output if ctx.has_residual else None), None
+
+
+def _linear_out(out: torch.Tensor, residual: Optional[torch.Tensor], n_split: int):
+    """The FP8 linear Functions' result: out, residual + out, or out's n_split column blocks (views)."""
+    if residual is not None:
+        return residual + out
+    return out.split(out.shape[-1] // n_split, dim=-1) if n_split > 1 else out
+
+
+def _grad_rows(ctx, grad_output):
+    """The gradient the backward casts: (M, N), or (n_split parts) the split outputs' gradients as (M, N / n_split)
+    row-major parts of one row stride, cast as their concatenation without writing it (kernels.cast_to_fp8; the cuDNN
+    attention backward's dq, dk, dv have that layout); other layouts are concatenated here."""
+    if not isinstance(grad_output, tuple):
+        return grad_output.reshape(-1, grad_output.shape[-1])
+    n = ctx.x_shape[:-1].numel()
+    parts = [g.reshape(n, g.shape[-1]) if g is not None else None for g in grad_output]
+    like = next(p for p in parts if p is not None)
+    parts = [p if p is not None else torch.zeros_like(like) for p in parts]
+    if all(p.stride() == like.stride() and p.stride(-1) == 1 and p.dtype == like.dtype for p in parts):
+        return tuple(parts)
+    return torch.cat(parts, dim=-1)
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
@@ -465,12 +496,14 @@ def _out_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
-def _linear_ctx(ctx, x, weight, bias, g_meta, w_fp8_t, precise) -> None:
+def _linear_ctx(ctx, x, weight, bias, g_meta, w_fp8_t, precise, residual=None) -> None:
     """What _linear_backward reads from ctx besides the saved tensors (both FP8 linear forwards set it)."""
     ctx.precise, ctx.g_meta = precise, g_meta  # g_meta not None: prime it on this backward (eager first step only)
     ctx.w_is_t = w_fp8_t is not None  # None: the layer keeps no (K, N) copy (keep_weight_t False); dgrad transposes
     ctx.x_shape, ctx.has_bias, ctx.need_wgrad = x.shape, bias is not None, weight.requires_grad
+    ctx.has_residual = residual is not None  # the residual's gradient is the sum's: passed through
     ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.out_dtype = _out_dtype(x)  # what autograd would hand the backward (a float32 residual sum's gradient is rounded to it)
 
 
 def _linear_backward(ctx, grad_output, x_t_fn, x_si, w_t, w_si, g_and_bufs):
@@ -478,18 +511,22 @@ def _linear_backward(ctx, grad_output, x_t_fn, x_si, w_t, w_si, g_and_bufs):
     (grad_x (M, K), grad_bias or None); the weight gradient accumulates into the FP8 buffers. x_t_fn(grad_x)
     gives the (K, Mp) FP8 input the wgrad reads (saved, or recomputed; grad_x lets a recompute share its pass)."""
     g_scale, g_si, g_amax, g_stats, grad_fp8, grad_si, grad_amax = g_and_bufs
-    N = grad_output.shape[-1]
-    g2 = grad_output.reshape(-1, N)  # (M, N)
-    if g2.dtype not in kernels.HP_DTYPES:
-        g2 = g2.float()
+    g2 = _grad_rows(ctx, grad_output)  # (M, N), or its column parts
+    first = g2[0] if isinstance(g2, tuple) else g2
+    if first.dtype not in kernels.HP_DTYPES:
+        g2 = first = (torch.cat(g2, dim=-1) if isinstance(g2, tuple) else g2).float()
+    # a float32 gradient of a residual sum (or of fp32 parts) is cast as its copy in the output's dtype would be
+    round_to = ctx.out_dtype if first.dtype == torch.float32 and ctx.out_dtype != torch.float32 else None
     if ctx.g_meta is not None:
-        ctx.g_meta.prime(g2)
-    grad_b = torch.empty(N, device=g2.device) if ctx.has_bias else None  # bias grad from the same read of g
+        g_full = torch.cat(g2, dim=-1) if isinstance(g2, tuple) else g2
+        ctx.g_meta.prime(g_full.to(round_to) if round_to is not None else g_full)
+    N = first.shape[-1] * (len(g2) if isinstance(g2, tuple) else 1)
+    grad_b = torch.empty(N, device=first.device) if ctx.has_bias else None  # bias grad from the same read of g
     g_fp8, g_fp8_t = cast(g2, E5M2, g_scale, g_amax, g_stats, transpose=ctx.need_wgrad, pad_t=PAD_TOKENS,
-                          colsum_out=grad_b)
+                          colsum_out=grad_b, round_to=round_to)
     if not ctx.w_is_t:  # a transient transpose: 2 bytes per weight element moved, no memory kept
         w_t = w_t.view(torch.uint8).t().contiguous().view(w_t.dtype)
-    grad_x = gemm(g_fp8, w_t, g_si, w_si, grad_output.dtype, precise=ctx.precise[1])  # (M, N) x (K, N)^T -> (M, K)
+    grad_x = gemm(g_fp8, w_t, g_si, w_si, ctx.out_dtype, precise=ctx.precise[1])  # (M, N) x (K, N)^T -> (M, K)
     if ctx.need_wgrad:
         accumulate_fp8_grad(grad_fp8, grad_si, grad_amax, g_fp8_t, g_si, x_t_fn(grad_x), x_si, ctx.precise[2])  # (N, K)
     return grad_x, (grad_b.to(ctx.bias_dtype) if ctx.has_bias else None)
@@ -570,7 +607,13 @@ class FP8Linear(nn.Linear):
         else:
             self._weight_fp8_t = None
 
-    def forward(self, x):
+    def forward(self, x, residual=None, n_split=1):
+        """self(x); residual given: residual + self(x), the sum's gradient cast in the backward as it comes (float32
+        for the float32 residual stream: no BF16 copy of it is written for this layer, kernels.cast_to_fp8
+        round_to); n_split > 1: self(x)'s n_split column blocks (views), whose gradients the backward casts without
+        concatenating them first (c_attn's q, k, v)."""
+        if n_split > 1 and (residual is not None or self.gelu_in or self.out_features % n_split):
+            raise ValueError("FP8Linear: n_split goes without residual or gelu_in, and must divide out_features")
         if not self.x_meta.primed:
             with torch.no_grad():
                 self.x_meta.prime(torch.nn.functional.gelu(x, approximate="tanh") if self.gelu_in else x)
@@ -582,12 +625,16 @@ class FP8Linear(nn.Linear):
         # under torch.compile a model that was never run eagerly starts from scale 1 (as TE does)
         prime_g = not g.primed and not torch.compiler.is_compiling() and torch.is_grad_enabled()
         fn = (_FP8GELUCastLinearFn if self.gelu_cast else _FP8GELULinearFn) if self.gelu_in else _FP8LinearFn
-        h_meta = () if self.h_meta is None else (self.h_meta.cast_args(record),)  # --fp8_gelu=4
+        if not self.gelu_in:
+            extra = (residual, n_split)
+        else:  # --fp8_gelu=4: h's delayed-scaling slots
+            extra = ((None if self.h_meta is None else self.h_meta.cast_args(record)), residual) \
+                if not self.gelu_cast else (residual,)
         return fn.apply(
             x, self.weight, self.bias, g if prime_g else None,
             m.cast_args(record), g.cast_args(),
             (self.weight_grad_fp8, self.weight_grad_scale_inv, self.weight_grad_amax),
-            self.fp8_weight(), self.precise_acc, *h_meta,
+            self.fp8_weight(), self.precise_acc, *extra,
         )
 
     def extra_repr(self):
@@ -826,16 +873,17 @@ class _FP8GELULinearFn(torch.autograd.Function):
     GELU input + FP8 copy). The wgrad then reads FP8(GELU(FP8(h))), with the forward's delayed scale."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, g_meta, x_meta_t, g_meta_t, grad_bufs, w_fp8_t3, precise, h_meta_t=None):
+    def forward(ctx, h, weight, bias, g_meta, x_meta_t, g_meta_t, grad_bufs, w_fp8_t3, precise, h_meta_t=None,
+                residual=None):
         x_scale, x_si, x_amax, x_stats = x_meta_t
         w_fp8, w_fp8_t, w_si = w_fp8_t3
         h2 = h.detach().reshape(-1, h.shape[-1]).contiguous()  # (M, K): the c_fc output
         h8, h_si, a_fp8 = gelu_fwd(h2, (x_scale, x_amax, x_stats), h_meta_t)  # one read of h for both FP8 copies
         out = gemm(a_fp8, w_fp8, x_si, w_si, _out_dtype(h), bias, precise=precise[0])  # (M, N)
-        _linear_ctx(ctx, h, weight, bias, g_meta, w_fp8_t, precise)
+        _linear_ctx(ctx, h, weight, bias, g_meta, w_fp8_t, precise, residual)
         ctx.save_for_backward(h8, h_si, x_scale, x_si, w_fp8_t if ctx.w_is_t else w_fp8, w_si, *g_meta_t, *grad_bufs)
         ctx.x_dtype = h.dtype
-        return out.view(*h.shape[:-1], out.shape[-1])
+        return _linear_out(out.view(*h.shape[:-1], out.shape[-1]), residual, 1)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -849,7 +897,8 @@ class _FP8GELULinearFn(torch.autograd.Function):
         grad_a, grad_b = _linear_backward(ctx, grad_output, recomputed_x_t, x_si, w_t, w_si, g_and_bufs)
         if not grad_h:  # no wgrad (frozen weight): the input gradient alone
             grad_h.append(gelu_bwd(h8, h_si, grad_a, ctx.x_dtype)[0])
-        return grad_h[0].view(ctx.x_shape), None, grad_b, None, None, None, None, None, None, None
+        return (grad_h[0].view(ctx.x_shape), None, grad_b, None, None, None, None, None, None, None,
+                grad_output if ctx.has_residual else None)
 
 
 class _FP8GELUCastLinearFn(torch.autograd.Function):
@@ -859,21 +908,22 @@ class _FP8GELUCastLinearFn(torch.autograd.Function):
     for GELU's backward, the transposed FP8 copy for proj's wgrad); the backward's GELU' is one fused pass too."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, g_meta, x_meta_t, g_meta_t, grad_bufs, w_fp8_t3, precise):
+    def forward(ctx, h, weight, bias, g_meta, x_meta_t, g_meta_t, grad_bufs, w_fp8_t3, precise, residual=None):
         x_scale, x_si, x_amax, x_stats = x_meta_t
         w_fp8, w_fp8_t, w_si = w_fp8_t3
         h2 = h.detach().reshape(-1, h.shape[-1]).contiguous()  # (M, K): the c_fc output
         a_fp8, a_t = gelu_cast(h2, x_scale, x_amax, x_stats, PAD_TOKENS, transpose=weight.requires_grad)
         out = gemm(a_fp8, w_fp8, x_si, w_si, _out_dtype(h), bias, precise=precise[0])  # (M, N)
-        _linear_ctx(ctx, h, weight, bias, g_meta, w_fp8_t, precise)
+        _linear_ctx(ctx, h, weight, bias, g_meta, w_fp8_t, precise, residual)
         ctx.save_for_backward(h2, a_t, x_si, w_fp8_t if ctx.w_is_t else w_fp8, w_si, *g_meta_t, *grad_bufs)
-        return out.view(*h.shape[:-1], out.shape[-1])
+        return _linear_out(out.view(*h.shape[:-1], out.shape[-1]), residual, 1)
 
     @staticmethod
     def backward(ctx, grad_output):
         h2, a_t, x_si, w_t, w_si, *g_and_bufs = ctx.saved_tensors
         grad_a, grad_b = _linear_backward(ctx, grad_output, lambda grad_x: a_t, x_si, w_t, w_si, g_and_bufs)
-        return gelu_bwd_hp(h2, grad_a.contiguous()).view(ctx.x_shape), None, grad_b, None, None, None, None, None, None
+        return (gelu_bwd_hp(h2, grad_a.contiguous()).view(ctx.x_shape), None, grad_b, None, None, None, None, None, None,
+                grad_output if ctx.has_residual else None)
 
 
 class FP8SavedGELU(nn.Module):

@@ -127,22 +127,49 @@ def _record_cast(v, scale, amax_ptr, stats_ptr, HAS_AMAX: tl.constexpr, HAS_STAT
 
 
 @triton.jit
+def _round_bf16(v):
+    """float32 -> the nearest BF16 value (ties to even), still float32: by integer arithmetic, which the
+    interpreter gets right too (its float32 -> BF16 conversion truncates). NaN stays NaN, overflow goes to inf."""
+    b = v.to(tl.int32, bitcast=True)
+    b = (b + (0x7FFF + ((b >> 16) & 1))) & -65536  # -65536: 0xFFFF0000 as int32
+    return tl.where(v == v, b.to(tl.float32, bitcast=True), v)
+
+
+@triton.jit
 def _cast_kernel(
-    x_ptr, y_ptr, yt_ptr, scale_ptr, amax_ptr, stats_ptr, scale_inv_ptr, colsum_ptr, prev_ptr, prev_si_ptr,  # pointers
+    x_ptr, x2_ptr, x3_ptr, y_ptr, yt_ptr, scale_ptr, amax_ptr, stats_ptr, scale_inv_ptr, colsum_ptr, prev_ptr,
+    prev_si_ptr,  # pointers
     M, N, MT,  # sizes: x is (M, N); y_t is (N, MT) with MT >= M, columns M..MT-1 zero-filled
     stride_xm, stride_xn,  # strides of x (y and y_t are contiguous)
+    NP,  # > 0: x is the column-wise concatenation of x, x2 (, x3), NP columns each (a multiple of BLOCK_N)
     FP8_MAX: tl.constexpr, FP8_MIN_SUB: tl.constexpr,  # largest value, smallest subnormal of the format
     TRANSPOSE: tl.constexpr, HAS_AMAX: tl.constexpr, HAS_STATS: tl.constexpr, HAS_COLSUM: tl.constexpr,
     JIT_SCALE: tl.constexpr, FMAX_EXP: tl.constexpr, FMAX_MANT: tl.constexpr, MARGIN: tl.constexpr,
     SOFT_CVT: tl.constexpr, MANT: tl.constexpr, MIN_EXP: tl.constexpr,  # see _soft_fp8
-    HAS_PREV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_PREV: tl.constexpr, PARTS: tl.constexpr, ROUND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     in_x = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=in_x, other=0.0)
+    if PARTS:  # this tile's columns lie in one part (NP % BLOCK_N == 0): the concatenation is never written
+        part = (pid_n * BLOCK_N) // NP
+        src = x_ptr
+        if part == 1:
+            src = x2_ptr
+        elif part == 2:
+            src = x3_ptr
+        x = tl.load(src + offs_m[:, None] * stride_xm + (offs_n[None, :] - part * NP) * stride_xn, mask=in_x, other=0.0)
+    else:
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=in_x, other=0.0)
+    if ROUND == 1:  # round to what autograd would have handed over (a BF16 / FP16 copy of a float32 gradient)
+        if SOFT_CVT:
+            x = _round_bf16(x.to(tl.float32))
+        else:  # the hardware's float32 -> BF16 conversion rounds to nearest even
+            x = x.to(tl.bfloat16)
+    elif ROUND == 2:
+        x = x.to(tl.float16)
     x = x.to(tl.float32)
     if HAS_PREV:  # x += prev * prev_si (a running FP8 sum, contiguous (M, N); prev_si 0: empty)
         x = _add_prev(x, prev_ptr, prev_si_ptr, offs_m[:, None] * N + offs_n[None, :], in_x)
@@ -234,11 +261,16 @@ def pow2_scale_ref(amax: torch.Tensor, fp8_dtype: torch.dtype, margin: int = 0) 
 CAST_TILE = (64, 128, 8)  # BLOCK_M, BLOCK_N, num_warps of _cast_kernel; H100 sweep (bench.py cast): 85-90% of copy
 # with the bias gradient's column sums, taller tiles write fewer partial rows: 64-70% (64x128: 56-63%)
 CAST_TILE_COLSUM = (128, 64, 4)
+CAST_ROUND_HW = os.environ.get("NANOFP8_CAST_ROUND_HW", "1") != "0"  # see cast_to_fp8's SOFT_CVT
 
 
 def cast_to_fp8_ref(x, fp8_dtype, scale, amax=None, transpose=False, pad_t=1, stats=None, out=None,
-                    scale_inv_out=None, margin=0, colsum_out=None, prev=None):
+                    scale_inv_out=None, margin=0, colsum_out=None, prev=None, round_to=None):
     """Pure-torch reference of cast_to_fp8 (same arguments and results)."""
+    if isinstance(x, (tuple, list)):
+        x = torch.cat(x, dim=1)
+    if round_to is not None and x.dtype == torch.float32:
+        x = x.to(round_to)
     xf = _with_prev_ref(x, prev).float()
     if colsum_out is not None:
         torch.sum(xf, 0, out=colsum_out)
@@ -278,8 +310,14 @@ def cast_to_fp8(
     margin: int = 0,
     colsum_out: Optional[torch.Tensor] = None,
     prev: Optional[tuple] = None,
+    round_to: Optional[torch.dtype] = None,
 ):
     """x (M, N) HP -> (x_fp8 (M, N), x_fp8_t (N, round_up(M, pad_t)) or None).
+
+    x may be a tuple of 2 or 3 (M, Np) tensors of one dtype and strides: cast as their concatenation along columns
+    (N = parts * Np), which is never written (the gradients of q, k and v into c_attn's backward). round_to (BF16 /
+    FP16, x float32): cast x rounded to that dtype first, so that a float32 gradient casts exactly as the copy
+    autograd would have made for a BF16 output (a residual add's float32 gradient read once, no copy).
 
     Delayed scaling: scale = float32 tensor of 1 element; amax (1 element) is updated with
     max(amax, max|x|) (NaN counts as inf). Just in time: scale=None, amax holds max|x| already
@@ -290,8 +328,16 @@ def cast_to_fp8(
     of a running FP8 sum; out may be prev itself (each program reads its tile before writing it), but prev's
     scale_inv must not be scale_inv_out (program (0, 0) writes that while the others still read it).
     """
+    parts = tuple(x) if isinstance(x, (tuple, list)) else None
+    if parts is not None:
+        assert 2 <= len(parts) <= 3, f"cast_to_fp8 concatenates 2 or 3 parts, got {len(parts)}"
+        x = parts[0]
+        assert all(p.shape == x.shape and p.dtype == x.dtype and p.stride() == x.stride() and p.device == x.device
+                   for p in parts), "cast_to_fp8's parts: one shape, dtype, strides and device"
+        assert prev is None and out is None, "cast_to_fp8's parts: no prev or out"
     assert x.dim() == 2, f"cast_to_fp8 takes a 2-D tensor, got shape {tuple(x.shape)}"
     assert x.dtype in HP_DTYPES, f"cast_to_fp8 reads float32/bfloat16/float16, got {x.dtype}"
+    assert round_to in (None, torch.bfloat16, torch.float16), f"round_to: None, BF16 or FP16, got {round_to}"
     assert fp8_dtype in FP8_DTYPES, f"fp8_dtype must be E4M3 or E5M2, got {fp8_dtype}"
     jit = scale is None
     if jit:
@@ -301,13 +347,18 @@ def cast_to_fp8(
     assert amax is None or (amax.numel() == 1 and amax.dtype == torch.float32 and amax.is_contiguous())
     assert stats is None or (stats.numel() == 2 and stats.dtype == torch.int32)
     assert out is None or (out.shape == x.shape and out.dtype == fp8_dtype and out.is_contiguous())
-    assert colsum_out is None or (colsum_out.shape == (x.shape[1],) and colsum_out.dtype == torch.float32)
+    assert colsum_out is None or colsum_out.dtype == torch.float32
     _check_prev(x, prev)
     assert prev is None or prev[1] is not scale_inv_out, "prev's scale_inv is read while scale_inv_out is written"
+    assert colsum_out is None or colsum_out.shape == (x.shape[1] * (len(parts) if parts else 1),)
+    BM, BN, warps = (CAST_TILE_COLSUM if colsum_out is not None else CAST_TILE) if not INTERPRET else (16, 32, 1)
+    if parts is not None and (x.shape[1] % BN or not use_triton(x)):  # a tile would straddle two parts
+        x, parts = torch.cat(parts, dim=1), None
     if not use_triton(x):
         return cast_to_fp8_ref(x, fp8_dtype, scale, amax, transpose, pad_t, stats, out, scale_inv_out, margin,
-                               colsum_out, prev)
-    M, N = x.shape
+                               colsum_out, prev, round_to)
+    NP = x.shape[1] if parts is not None else 0
+    M, N = x.shape[0], x.shape[1] * (len(parts) if parts is not None else 1)
     MT = round_up(M, pad_t) if transpose else M
     y = out if out is not None else torch.empty(M, N, dtype=fp8_dtype, device=x.device)
     y_t = torch.empty(N, MT, dtype=fp8_dtype, device=x.device) if transpose else None
@@ -316,19 +367,23 @@ def cast_to_fp8(
     dummy = amax if amax is not None else y
     # 64x128 tiles: 16 KB of bf16 per program, enough bytes in flight per SM; the transposed
     # store goes through shared memory (layout conversion by the compiler). 90% of copy bandwidth.
-    BM, BN, warps = (CAST_TILE_COLSUM if colsum_out is not None else CAST_TILE) if not INTERPRET else (16, 32, 1)
     grid = (triton.cdiv(MT, BM), triton.cdiv(N, BN))
     partial = torch.empty(grid[0], N, device=x.device) if colsum_out is not None else dummy
+    xs = parts + (parts[-1],) * (3 - len(parts)) if parts is not None else (x, x, x)
+    rounds = round_to is not None and x.dtype == torch.float32
     _cast_kernel[grid](
-        x, y, y_t if transpose else y, scale if not jit else dummy, dummy,
+        *xs, y, y_t if transpose else y, scale if not jit else dummy, dummy,
         stats if stats is not None else dummy, scale_inv_out if jit else dummy, partial,
         *(prev if prev is not None else (y, dummy)),
-        M, N, MT, x.stride(0), x.stride(1),
+        M, N, MT, x.stride(0), x.stride(1), NP,
         FP8_MAX=fi.max, FP8_MIN_SUB=fi.smallest_normal * fi.eps,
         TRANSPOSE=transpose, HAS_AMAX=amax is not None and not jit, HAS_STATS=stats is not None,
         HAS_COLSUM=colsum_out is not None, JIT_SCALE=jit, FMAX_EXP=fe, FMAX_MANT=fm, MARGIN=margin,
-        SOFT_CVT=INTERPRET or x.dtype == torch.float32 or prev is not None, MANT=3 if fp8_dtype == E4M3 else 2,
-        MIN_EXP=-6 if fp8_dtype == E4M3 else -14, HAS_PREV=prev is not None,
+        # float32 sources: see _soft_fp8; those rounded to BF16 first (rounds) convert as BF16 loads do, unless
+        # NANOFP8_CAST_ROUND_HW=0
+        SOFT_CVT=INTERPRET or (x.dtype == torch.float32 and not (rounds and CAST_ROUND_HW)) or prev is not None,
+        MANT=3 if fp8_dtype == E4M3 else 2, MIN_EXP=-6 if fp8_dtype == E4M3 else -14, HAS_PREV=prev is not None,
+        PARTS=parts is not None, ROUND=(1 if round_to == torch.bfloat16 else 2) if rounds else 0,
         BLOCK_M=BM, BLOCK_N=BN, num_warps=warps,
     )
     if colsum_out is not None:  # fixed order: bit-identical run to run (no atomics)

@@ -18,8 +18,9 @@ Usage:  model = GPT(PRESETS["tiny"]()); logits, loss = model(idx, targets)   # i
 """
 import contextlib
 import math
+import os
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -275,15 +276,19 @@ class Attention(nn.Module):
             self.register_buffer("cos", cos, persistent=False)
             self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        """c_proj(attention(x)), plus residual when given."""
         if self.recompute and torch.is_grad_enabled():
-            return self.c_proj(recompute_in_backward(self._mix, x, self.dropout))
-        return self.c_proj(self._mix(x))
+            return project(self.c_proj, recompute_in_backward(self._mix, x, self.dropout), residual)
+        return project(self.c_proj, self._mix(x), residual)
 
     def _mix(self, x):
         """x (B, T, C) -> the heads' attention outputs side by side (B, T, C): c_proj's input."""
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
+        if FUSED_IO and isinstance(self.c_attn, fp8.FP8Linear) and torch.is_grad_enabled():
+            q, k, v = self.c_attn(x, n_split=3)  # its backward casts dq, dk, dv without concatenating them first
+        else:
+            q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -294,6 +299,22 @@ class Attention(nn.Module):
         q, k = self.q_tap(q), self.k_tap(k)  # identity (the monitor hooks them): what the QK^T GEMM reads
         y = self.sdpa(q, k, v)  # (B, nh, T, hs)
         return y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
+
+
+# the FP8 linears' fused branch ends (project; Attention._mix's split c_attn): 0 = the plain ops, same numbers (A/B)
+FUSED_IO = os.environ.get("NANOFP8_FUSED_IO", "1") != "0"
+
+
+def project(proj: nn.Module, y: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """proj(y) + residual (None: proj(y)). A branch's last FP8 linear adds the residual itself while autograd records
+    (fp8.FP8Linear.forward): its backward then casts the float32 stream's gradient as it comes, where autograd
+    would first write a BF16 copy of it for proj's BF16 output (a full pass over the stream's gradient per branch).
+    Same numbers either way; eval forwards (the monitor's hooks read proj's own output) take the plain path."""
+    if residual is None:
+        return proj(y)
+    if FUSED_IO and isinstance(proj, fp8.FP8Linear) and torch.is_grad_enabled():
+        return proj(y, residual=residual)
+    return residual + proj(y)
 
 
 def recompute_in_backward(fn: Callable, x: torch.Tensor, dropout: float) -> torch.Tensor:
@@ -343,8 +364,8 @@ class MLP(nn.Module):
         self.act = nn.GELU(approximate="tanh") if cfg.arch == "gpt2" else XIELU()
         self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, x):
-        return self.c_proj(self.act(self.c_fc(x)))  # (B, T, C)
+    def forward(self, x, residual=None):
+        return project(self.c_proj, self.act(self.c_fc(x)), residual)  # (B, T, C)
 
 
 class SwiGLU(nn.Module):
@@ -356,9 +377,9 @@ class SwiGLU(nn.Module):
         self.c_fc = nn.Linear(cfg.n_embd, 2 * hidden, bias=False)  # gate and up in one GEMM
         self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
         gate, up = self.c_fc(x).chunk(2, dim=-1)  # (B, T, hidden) each
-        return self.c_proj(F.silu(gate) * up)  # (B, T, C)
+        return project(self.c_proj, F.silu(gate) * up, residual)  # (B, T, C)
 
 
 def make_mlp(cfg: GPTConfig) -> nn.Module:
@@ -374,8 +395,8 @@ class Block(nn.Module):
         self.ln_2, self.mlp = make_norm(cfg), make_mlp(cfg)
 
     def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        x = self.attn(self.ln_1(x), residual=x)  # x + attn(ln_1(x))
+        return self.mlp(self.ln_2(x), residual=x)
 
 
 class FogBlock(nn.Module):
@@ -395,6 +416,9 @@ class FogBlock(nn.Module):
     def forward(self, x):
         x = x + self.norm_attn(self.attn(x))
         return x + self.norm_mlp(self.mlp(x))
+
+
+_ADDMM_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")  # addmm(..., out_dtype=): BF16 inputs, float32 sum
 
 
 class _ChunkedHeadLossFn(torch.autograd.Function):
@@ -420,7 +444,10 @@ class _ChunkedHeadLossFn(torch.autograd.Function):
             del logits
             loss += rows.sum()
             torch.matmul(g, wc, out=gx[s:s + chunk])
-            gw += g.t() @ xc[s:s + chunk]  # float32 accumulation of the BF16 GEMM's (V, C) result
+            if gw.is_cuda and g.dtype != torch.float32 and _ADDMM_OUT_DTYPE:  # cuBLAS adds the BF16 product to gw in float32, in place
+                torch.addmm(gw, g.t(), xc[s:s + chunk], out_dtype=torch.float32, out=gw)
+            else:  # (the CPU has no mixed-dtype addmm): the product rounded to dt, then added
+                gw += g.t() @ xc[s:s + chunk]
         ctx.save_for_backward(gx, gw)
         ctx.x_dtype, ctx.w_dtype = x.dtype, w.dtype
         return (loss * inv_n).squeeze(0)

@@ -373,6 +373,41 @@ def test_cast_column_sums_are_the_bias_gradient():
 
 
 @needs_triton
+def test_cast_reads_column_parts_and_rounds_float32():
+    """cast_to_fp8 of a tuple of parts (c_attn's dq, dk, dv) = the cast of their concatenation, which the kernel never
+    writes; round_to=BF16 on float32 input = the cast of its BF16 copy (the float32 residual stream's gradient):
+    bit for bit, with the transposed copy, the amax, the saturation counts and the bias column sums. Parts whose
+    width is not a multiple of the column tile are concatenated first (the second width): the same results."""
+    M, Np = shapes((40, 64), (1000, 256))
+    scale = torch.tensor([2.0 ** -6], device=DEV)
+
+    def run(x, **kw):  # with the bias column sums (the cast's colsum tile) and without (its plain tile)
+        amax, st = torch.zeros(1, device=DEV), torch.zeros(2, dtype=torch.int32, device=DEV)
+        cs = torch.empty(sum(p.shape[1] for p in x) if isinstance(x, tuple) else x.shape[1], device=DEV)
+        y, y_t = kernels.cast_to_fp8(x, E5M2, scale, amax, transpose=True, pad_t=16, stats=st, colsum_out=cs, **kw)
+        y2, y2_t = kernels.cast_to_fp8(x, E5M2, scale, transpose=True, pad_t=16, **kw)
+        return y, y_t, y2, y2_t, amax, st, cs
+
+    def same(a, b):  # True, or the fields (y, y_t, y2, y2_t, amax, stats, colsum) that differ
+        bad = [i for i, (u, v) in enumerate(zip(a, b)) if not (_bits_equal(u, v) if i < 4 else torch.equal(u, v))]
+        return not bad or bad
+
+    for width in (Np, Np + 16):
+        parts = tuple(torch.randn(M, width, device=DEV) * 1e3 for _ in range(3))
+        parts[1][3, 5], parts[2][7, 0], parts[0][1, 1] = 1e7, 0.0, 1e-12  # saturates at 2^-6; a zero; flushes to 0
+        want = run(torch.cat(parts, dim=1).to(torch.bfloat16))
+        assert want[5][0] >= 1 and want[5][1] >= 1  # the counts have something to count
+        assert same(run(tuple(p.to(torch.bfloat16) for p in parts)), want) is True
+        assert same(run(parts, round_to=torch.bfloat16), want) is True  # float32 parts, rounded in the kernel
+        x32 = torch.cat(parts, dim=1)
+        got = run(x32, round_to=torch.bfloat16)
+        assert same(got, want) is True and got[4].item() != x32.abs().max().item()  # the amax of the BF16 values
+    bad = (parts[0], parts[1].t().contiguous().t())
+    with pytest.raises(AssertionError, match="parts"):
+        kernels.cast_to_fp8(bad, E5M2, scale)
+
+
+@needs_triton
 def test_cast_and_amax_add_a_running_fp8_sum():
     """amax_into / cast_to_fp8 with prev=(FP8 running sum, its scale_inv) work on x + prev * scale_inv, in place
     (out is prev): the cuBLAS weight-gradient path re-quantizes its running sum this way. Bit-equal to the torch
@@ -2115,6 +2150,25 @@ def test_bench_step_rounds_pair_each_ratio_with_its_round(monkeypatch, capsys):
         bench.main(["step", "--rounds", "0"])
 
 
+def test_bench_step_flag_sets_run_side_by_side(monkeypatch):
+    """--step_flags "A | B": one FP8 variant per flag set, each in every round after the same BF16 run (its ratio)."""
+    import argparse
+    import bench
+    calls = []
+
+    def timed(preset, B, T, level, compile_, graph, steps, profile, spec):
+        calls.append((level, spec))
+        ms = {"": 300.0, "fp8_gelu=4": 200.0, "fp8_gelu=3,head_chunk=2048": 250.0}[spec]
+        return {"ms": ms, "tok_s": 1.0, "peak_gb": 1.0, "loss": 9.0, "mfu": 0.1}
+    monkeypatch.setattr(bench, "_time_step_isolated", timed)
+    args = argparse.Namespace(presets=["124m"], step_flags="fp8_gelu=4 | fp8_gelu=3,head_chunk=2048", bf16_flags="",
+                              rounds=1, steps=2, profile=0, variants="bf16 (level 0) +compile +graph,fp8 level 2 +compile +graph")
+    out = bench.bench_step(args)
+    assert calls == [(0, ""), (2, "fp8_gelu=4"), (2, "fp8_gelu=3,head_chunk=2048")]
+    assert out["124m/fp8 level 2 +compile +graph +fp8_gelu=4"]["vs_bf16"] == 1.5
+    assert out["124m/fp8 level 2 +compile +graph +fp8_gelu=3,head_chunk=2048"]["vs_bf16"] == 1.2
+
+
 def test_bench_step_flags_parse_as_train_flags():
     """bench.py step --step_flags: name=value pairs, typed and checked by train.py's own parser."""
     import bench
@@ -2785,6 +2839,42 @@ def test_fp8_gelu_recompute_matches_saved_input(torch_refs):
                 assert torch.equal(p.grad, q.grad), name
 
 
+def test_fused_branch_io_matches_plain_ops(torch_refs, monkeypatch):
+    """model.FUSED_IO: each branch's FP8 c_proj adds the residual itself and casts the float32 stream's gradient
+    rounded to BF16 in its cast (no BF16 copy written), c_attn hands q, k, v out as views and casts their three
+    gradients as one (no concatenation written). Against the plain ops (FUSED_IO off), same weights, two steps under
+    BF16 autocast, with plain GELU, --fp8_gelu=3 and =4: the same loss and every gradient bit for bit; the fused
+    casts ran (2 rounded and 1 three-part cast per block and backward) and only with FUSED_IO."""
+    calls = []
+    cast = kernels.cast_to_fp8
+
+    def spy(x, *a, **kw):
+        calls.append((isinstance(x, tuple), kw.get("round_to") is not None))
+        return cast(x, *a, **kw)
+    monkeypatch.setattr(kernels, "cast_to_fp8", spy)
+    for mode in ({}, dict(fused_cast=True), dict(recompute=True, delayed=True)):
+        torch.manual_seed(0)
+        base = fp8.convert_to_fp8(M.GPT(M.GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=320)), 2)
+        models = [M.use_fp8_gelu(copy.deepcopy(base), **mode) if mode else copy.deepcopy(base) for _ in range(2)]
+        for step in range(2):
+            idx = torch.randint(0, 320, (2, 32))
+            losses, counts = [], []
+            for fused, m in zip((False, True), models):
+                monkeypatch.setattr(M, "FUSED_IO", fused)
+                calls.clear()
+                losses.append(saved_sizes(m, idx)[0])
+                counts.append((sum(t for t, _ in calls), sum(r for _, r in calls)))
+            assert losses[0] == losses[1], mode
+            assert counts == [(0, 0), (2, 4)], (mode, counts)
+            for (name, a), b in zip(models[0].named_modules(), models[1].modules()):
+                if isinstance(a, fp8.FP8Linear):
+                    assert _bits_equal(a.weight_grad_fp8, b.weight_grad_fp8), (mode, name)
+                    assert torch.equal(a.weight_grad_scale_inv, b.weight_grad_scale_inv), (mode, name)
+            for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+                if p.grad is not None:
+                    assert torch.equal(p.grad, q.grad), (mode, name)
+
+
 # --fp8_gelu=4 vs 2: h's FP8 copy with a delayed scale instead of a just-in-time one, both powers of two from an
 # amax of h. Measured on the tiny model (64 tokens, 4 steps): the same scale every step, so bit-identical
 # gradients. Forcing the delayed scale one binade off: 0.5x changes nothing (E4M3 keeps its relative precision
@@ -3129,6 +3219,10 @@ def test_tiny_trains_with_bf16_norms_like_without(data_dir, tmp_path):
 
 # float32: the chunked loss and gradients differ from F.cross_entropy's only by summation order
 HEAD_CHUNK_FP32_RTOL = 1e-5
+# BF16 autocast on the GPU: the plain head rounds its logit and weight gradients to BF16 once (2^-9 relative per
+# element); the chunked head's weight gradient is summed over chunks in float32; upstream, the blocks see those
+# gradients: 2^-7 of a gradient's norm bounds their difference with margin
+HEAD_CHUNK_BF16_RTOL = 2.0 ** -7
 
 
 def _head_pair(arch: str, chunk: int):
@@ -3159,6 +3253,17 @@ def test_chunked_head_loss_matches_plain(arch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         lp, lc = plain(idx, tgt)[1], chunked(idx, tgt)[1]
     assert abs(lp.item() - lc.item()) <= 2 ** -8 * lp.item()
+    if CUDA:  # BF16 on the GPU: cuBLAS adds each chunk's weight-gradient product into float32 (addmm out_dtype)
+        plain, chunked = plain.cuda(), chunked.cuda()
+        plain.zero_grad(set_to_none=True)
+        chunked.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            lp, lc = plain(idx.cuda(), tgt.cuda())[1], chunked(idx.cuda(), tgt.cuda())[1]
+        lp.backward()
+        lc.backward()
+        for (name, p), q in zip(plain.named_parameters(), chunked.parameters()):
+            assert ((p.grad - q.grad).norm() / p.grad.norm()).item() <= HEAD_CHUNK_BF16_RTOL, name
+        plain, chunked = plain.cpu(), chunked.cpu()
     with torch.no_grad():
         logits, loss = chunked(idx, tgt)
     assert logits.shape == (3, 32, 300) and torch.isfinite(loss)
