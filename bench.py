@@ -5,6 +5,7 @@ bench.py: speed of the nanoFP8 pieces against BF16 and peers, side by side in on
   python bench.py cast      fused amax+scale+cast(+transpose) vs eager torch / torch.compile vs copy bandwidth
   python bench.py linear    FP8Linear fwd+bwd (3 FP8 GEMMs, casts, FP8 weight grad) vs BF16 nn.Linear
   python bench.py step --presets 124m 1.3b   train.py's whole training step per level vs BF16 (compiled)
+  python bench.py step --presets 1.3b --step_flags "fp8_gelu=4,head_chunk=2048 | fp8_gelu=3"   two flag sets, one run
   python bench.py optim memory               FP8AdamW step vs torch AdamW(fused); bytes/param per level
   python bench.py saved --presets 1.3b --step_flags fp8_gelu=2   activation bytes kept for the backward, by shape
   python bench.py gelu      the fused --fp8_gelu kernels vs the unfused passes they replace (% of copy bandwidth)
