@@ -466,7 +466,8 @@ class _FP8LinearFn(torch.autograd.Function):
         x_t, x_si, w_t, w_si, *g_and_bufs = ctx.saved_tensors
         grad_output = grad_outputs if len(grad_outputs) > 1 else grad_outputs[0]
         grad_x, grad_b = _linear_backward(ctx, grad_output, lambda grad_x: x_t, x_si, w_t, w_si, g_and_bufs)
-        return grad_x.view(ctx.x_shape), None, grad_b, None, None, None, None, None, None, (grad_output if ctx.has_residual else None), None
+        return (grad_x.view(ctx.x_shape), None, grad_b, None, None, None, None, None, None,
+                grad_output if ctx.has_residual else None, None)
 
 
 def _linear_out(out: torch.Tensor, residual: Optional[torch.Tensor], n_split: int):
@@ -476,19 +477,20 @@ def _linear_out(out: torch.Tensor, residual: Optional[torch.Tensor], n_split: in
     return out.split(out.shape[-1] // n_split, dim=-1) if n_split > 1 else out
 
 
-def _grad_rows(ctx, grad_output):
-    """The gradient the backward casts: (M, N), or (n_split parts) the split outputs' gradients as (M, N / n_split)
-    row-major parts of one row stride, cast as their concatenation without writing it (kernels.cast_to_fp8; the cuDNN
-    attention backward's dq, dk, dv have that layout); other layouts are concatenated here."""
+def _grad_rows(ctx, grad_output) -> tuple:
+    """The gradient the backward casts, as a tuple of column parts: ((M, N),), or (n_split parts) the split outputs'
+    gradients as (M, N / n_split) row-major parts of one row stride, cast as their concatenation without writing it
+    (kernels.cast_to_fp8; the cuDNN attention backward's dq, dk, dv have that layout); other layouts are
+    concatenated here."""
     if not isinstance(grad_output, tuple):
-        return grad_output.reshape(-1, grad_output.shape[-1])
+        return (grad_output.reshape(-1, grad_output.shape[-1]),)
     n = ctx.x_shape[:-1].numel()
     parts = [g.reshape(n, g.shape[-1]) if g is not None else None for g in grad_output]
     like = next(p for p in parts if p is not None)
     parts = [p if p is not None else torch.zeros_like(like) for p in parts]
     if all(p.stride() == like.stride() and p.stride(-1) == 1 and p.dtype == like.dtype for p in parts):
         return tuple(parts)
-    return torch.cat(parts, dim=-1)
+    return (torch.cat(parts, dim=-1),)
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
@@ -511,19 +513,18 @@ def _linear_backward(ctx, grad_output, x_t_fn, x_si, w_t, w_si, g_and_bufs):
     (grad_x (M, K), grad_bias or None); the weight gradient accumulates into the FP8 buffers. x_t_fn(grad_x)
     gives the (K, Mp) FP8 input the wgrad reads (saved, or recomputed; grad_x lets a recompute share its pass)."""
     g_scale, g_si, g_amax, g_stats, grad_fp8, grad_si, grad_amax = g_and_bufs
-    g2 = _grad_rows(ctx, grad_output)  # (M, N), or its column parts
-    first = g2[0] if isinstance(g2, tuple) else g2
-    if first.dtype not in kernels.HP_DTYPES:
-        g2 = first = (torch.cat(g2, dim=-1) if isinstance(g2, tuple) else g2).float()
+    parts = _grad_rows(ctx, grad_output)  # ((M, N),), or its column parts
+    whole = lambda: torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]  # noqa: E731
+    if parts[0].dtype not in kernels.HP_DTYPES:
+        parts = (whole().float(),)
     # a float32 gradient of a residual sum (or of fp32 parts) is cast as its copy in the output's dtype would be
-    round_to = ctx.out_dtype if first.dtype == torch.float32 and ctx.out_dtype != torch.float32 else None
+    round_to = ctx.out_dtype if parts[0].dtype == torch.float32 and ctx.out_dtype != torch.float32 else None
     if ctx.g_meta is not None:
-        g_full = torch.cat(g2, dim=-1) if isinstance(g2, tuple) else g2
-        ctx.g_meta.prime(g_full.to(round_to) if round_to is not None else g_full)
-    N = first.shape[-1] * (len(g2) if isinstance(g2, tuple) else 1)
-    grad_b = torch.empty(N, device=first.device) if ctx.has_bias else None  # bias grad from the same read of g
-    g_fp8, g_fp8_t = cast(g2, E5M2, g_scale, g_amax, g_stats, transpose=ctx.need_wgrad, pad_t=PAD_TOKENS,
-                          colsum_out=grad_b, round_to=round_to)
+        ctx.g_meta.prime(whole().to(round_to) if round_to is not None else whole())
+    N = sum(p.shape[-1] for p in parts)
+    grad_b = torch.empty(N, device=parts[0].device) if ctx.has_bias else None  # bias grad from the same read of g
+    g_fp8, g_fp8_t = cast(parts if len(parts) > 1 else parts[0], E5M2, g_scale, g_amax, g_stats,
+                          transpose=ctx.need_wgrad, pad_t=PAD_TOKENS, colsum_out=grad_b, round_to=round_to)
     if not ctx.w_is_t:  # a transient transpose: 2 bytes per weight element moved, no memory kept
         w_t = w_t.view(torch.uint8).t().contiguous().view(w_t.dtype)
     grad_x = gemm(g_fp8, w_t, g_si, w_si, ctx.out_dtype, precise=ctx.precise[1])  # (M, N) x (K, N)^T -> (M, K)
@@ -625,11 +626,12 @@ class FP8Linear(nn.Linear):
         # under torch.compile a model that was never run eagerly starts from scale 1 (as TE does)
         prime_g = not g.primed and not torch.compiler.is_compiling() and torch.is_grad_enabled()
         fn = (_FP8GELUCastLinearFn if self.gelu_cast else _FP8GELULinearFn) if self.gelu_in else _FP8LinearFn
-        if not self.gelu_in:
+        if self.gelu_cast:
+            extra = (residual,)
+        elif self.gelu_in:  # h_meta (--fp8_gelu=4): h's delayed-scaling slots
+            extra = (self.h_meta.cast_args(record) if self.h_meta is not None else None, residual)
+        else:
             extra = (residual, n_split)
-        else:  # --fp8_gelu=4: h's delayed-scaling slots
-            extra = ((None if self.h_meta is None else self.h_meta.cast_args(record)), residual) \
-                if not self.gelu_cast else (residual,)
         return fn.apply(
             x, self.weight, self.bias, g if prime_g else None,
             m.cast_args(record), g.cast_args(),

@@ -127,15 +127,6 @@ def _record_cast(v, scale, amax_ptr, stats_ptr, HAS_AMAX: tl.constexpr, HAS_STAT
 
 
 @triton.jit
-def _round_bf16(v):
-    """float32 -> the nearest BF16 value (ties to even), still float32: by integer arithmetic, which the
-    interpreter gets right too (its float32 -> BF16 conversion truncates). NaN stays NaN, overflow goes to inf."""
-    b = v.to(tl.int32, bitcast=True)
-    b = (b + (0x7FFF + ((b >> 16) & 1))) & -65536  # -65536: 0xFFFF0000 as int32
-    return tl.where(v == v, b.to(tl.float32, bitcast=True), v)
-
-
-@triton.jit
 def _cast_kernel(
     x_ptr, x2_ptr, x3_ptr, y_ptr, yt_ptr, scale_ptr, amax_ptr, stats_ptr, scale_inv_ptr, colsum_ptr, prev_ptr,
     prev_si_ptr,  # pointers
@@ -163,14 +154,8 @@ def _cast_kernel(
         x = tl.load(src + offs_m[:, None] * stride_xm + (offs_n[None, :] - part * NP) * stride_xn, mask=in_x, other=0.0)
     else:
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=in_x, other=0.0)
-    if ROUND == 1:  # round to what autograd would have handed over (a BF16 / FP16 copy of a float32 gradient)
-        if SOFT_CVT:
-            x = _round_bf16(x.to(tl.float32))
-        else:  # the hardware's float32 -> BF16 conversion rounds to nearest even
-            x = x.to(tl.bfloat16)
-    elif ROUND == 2:
-        x = x.to(tl.float16)
-    x = x.to(tl.float32)
+    # ROUND: to what autograd would have handed over (a BF16 / FP16 copy of a float32 gradient; 0: as loaded)
+    x = _round_to(x.to(tl.float32), ROUND, SOFT_CVT)
     if HAS_PREV:  # x += prev * prev_si (a running FP8 sum, contiguous (M, N); prev_si 0: empty)
         x = _add_prev(x, prev_ptr, prev_si_ptr, offs_m[:, None] * N + offs_n[None, :], in_x)
     if HAS_COLSUM:  # per-block column sums of x (the bias gradient when x is grad_output), summed later
