@@ -574,6 +574,10 @@ class FP8Linear(nn.Linear):
         # with gelu_in, not gelu_cast: h kept in FP8 with this delayed scale, not a just-in-time one
         # (model.use_fp8_gelu(recompute=True, delayed=True), --fp8_gelu=4)
         self.h_meta = None
+        # set (model.use_fp8_saved_attn, --fp8_saved_attn): given (q, k, v), this layer (the attention's c_proj)
+        # applies causal attention first, by the fused op attn_backend (SDPA_BACKENDS), and keeps q, k, v for the
+        # backward in E4M3 with this delayed scale (_FP8AttnLinearFn)
+        self.qkv_meta, self.attn_backend = None, None
 
     def fp8_weight(self):
         """(w_fp8 (N, K), w_fp8_t (K, N), scale_inv). Kept by the optimizer (FP8AdamW): as it wrote them.
@@ -612,12 +616,23 @@ class FP8Linear(nn.Linear):
         """self(x); residual given: residual + self(x), the sum's gradient cast in the backward as it comes (float32
         for the float32 residual stream: no BF16 copy of it is written for this layer, kernels.cast_to_fp8
         round_to); n_split > 1: self(x)'s n_split column blocks (views), whose gradients the backward casts without
-        concatenating them first (c_attn's q, k, v)."""
+        concatenating them first (c_attn's q, k, v). x a tuple (q, k, v) of (B, nh, T, hs) (with qkv_meta set):
+        self(causal attention(q, k, v) with the heads side by side), q, k, v kept in FP8 (_FP8AttnLinearFn)."""
+        attn = isinstance(x, tuple)
+        if attn and (self.qkv_meta is None or n_split > 1 or self.gelu_in):
+            raise ValueError("FP8Linear: a (q, k, v) input needs qkv_meta (model.use_fp8_saved_attn), no n_split or "
+                             "gelu_in")
         if n_split > 1 and (residual is not None or self.gelu_in or self.out_features % n_split):
             raise ValueError("FP8Linear: n_split goes without residual or gelu_in, and must divide out_features")
         if not self.x_meta.primed:
             with torch.no_grad():
-                self.x_meta.prime(torch.nn.functional.gelu(x, approximate="tanh") if self.gelu_in else x)
+                if attn:
+                    self.x_meta.prime(torch.nn.functional.scaled_dot_product_attention(*x, is_causal=True))
+                else:
+                    self.x_meta.prime(torch.nn.functional.gelu(x, approximate="tanh") if self.gelu_in else x)
+        if attn and not self.qkv_meta.primed:
+            with torch.no_grad():
+                self.qkv_meta.prime(torch.stack([t.detach().abs().amax().float() for t in x]))
         if self.h_meta is not None and not self.h_meta.primed:
             with torch.no_grad():
                 self.h_meta.prime(x)
@@ -625,6 +640,12 @@ class FP8Linear(nn.Linear):
         record = self.training and not _recomputing  # eval forwards must not steer the training scales
         # under torch.compile a model that was never run eagerly starts from scale 1 (as TE does)
         prime_g = not g.primed and not torch.compiler.is_compiling() and torch.is_grad_enabled()
+        layer = (g if prime_g else None, m.cast_args(record), g.cast_args(),
+                 (self.weight_grad_fp8, self.weight_grad_scale_inv, self.weight_grad_amax),
+                 self.fp8_weight(), self.precise_acc)
+        if attn:
+            return _FP8AttnLinearFn.apply(*x, self.weight, self.bias, *layer, self.qkv_meta.cast_args(record),
+                                          self.attn_backend, residual)
         fn = (_FP8GELUCastLinearFn if self.gelu_cast else _FP8GELULinearFn) if self.gelu_in else _FP8LinearFn
         if self.gelu_cast:
             extra = (residual,)
@@ -632,12 +653,7 @@ class FP8Linear(nn.Linear):
             extra = (self.h_meta.cast_args(record) if self.h_meta is not None else None, residual)
         else:
             extra = (residual, n_split)
-        return fn.apply(
-            x, self.weight, self.bias, g if prime_g else None,
-            m.cast_args(record), g.cast_args(),
-            (self.weight_grad_fp8, self.weight_grad_scale_inv, self.weight_grad_amax),
-            self.fp8_weight(), self.precise_acc, *extra,
-        )
+        return fn.apply(x, self.weight, self.bias, *layer, *extra)
 
     def extra_repr(self):
         return super().extra_repr() + f", weight_dtype={self.weight.dtype}, fp8=E4M3/E5M2"
@@ -925,6 +941,114 @@ class _FP8GELUCastLinearFn(torch.autograd.Function):
         h2, a_t, x_si, w_t, w_si, *g_and_bufs = ctx.saved_tensors
         grad_a, grad_b = _linear_backward(ctx, grad_output, lambda grad_x: a_t, x_si, w_t, w_si, g_and_bufs)
         return (gelu_bwd_hp(h2, grad_a.contiguous()).view(ctx.x_shape), None, grad_b, None, None, None, None, None, None,
+                grad_output if ctx.has_residual else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention in high precision whose inputs are kept for the backward in FP8 (--fp8_saved_attn)
+
+SDPA_BACKENDS = ("cudnn", "flash", "cpu")  # the aten attention ops _FP8AttnLinearFn calls itself
+
+
+def _sdpa_fwd(backend: str, q, k, v):
+    """Causal attention of (B, nh, T, hs) q, k, v by the fused aten op of backend -> (out, aux): aux the tensors
+    its backward op takes besides q, k, v, out and the output gradient (the log-sum-exp first)."""
+    if backend == "cudnn":
+        r = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False)
+        return r[0], (r[1], r[6], r[7])  # lse, philox seed, offset
+    if backend == "flash":
+        r = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False)
+        return r[0], (r[1], r[6], r[7])
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
+    return o, (lse,)
+
+
+def _sdpa_bwd(backend: str, g, q, k, v, o, aux):
+    """(dq, dk, dv) of _sdpa_fwd's attention, from the output gradient g and what it returned."""
+    T = q.shape[2]
+    if backend == "cudnn":
+        lse, seed, offset = aux
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(g, q, k, v, o, lse, seed, offset, None,
+                                                                           None, None, T, T, 0.0, True)
+    if backend == "flash":
+        lse, seed, offset = aux
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(g, q, k, v, o, lse, None, None, T, T,
+                                                                           0.0, True, seed, offset)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(g, q, k, v, o, aux[0], 0.0, True)
+
+
+def sdpa_backend(device, head_size: int) -> str:
+    """The fused attention op --fp8_saved_attn calls on device: cuDNN's where a small causal BF16 forward and
+    backward of this head size run (what F.scaled_dot_product_attention picks on an H100), else flash's; the CPU's
+    flash op on the CPU. Raises ValueError when neither runs on the GPU."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return "cpu"
+    q = torch.randn(1, 2, 64, head_size, device=device, dtype=torch.bfloat16)
+    errors = []
+    for backend in SDPA_BACKENDS[:2]:
+        try:
+            o, aux = _sdpa_fwd(backend, q, q, q)
+            _sdpa_bwd(backend, torch.ones_like(o), q, q, q, o, aux)
+            return backend
+        except RuntimeError as e:  # not built in, or this head size / GPU unsupported
+            errors.append(f"{backend}: {str(e).splitlines()[0]}")
+    raise ValueError(f"--fp8_saved_attn: no fused attention op runs on {device} at head size {head_size} "
+                     f"({'; '.join(errors)}); use --fp8_saved_attn=0")
+
+
+def _dequantize(x8: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x8 * scale_inv in dtype: exact (a power-of-two scale, E4M3's 3 mantissa bits fit BF16's 7)."""
+    return x8.to(dtype) * scale_inv.to(dtype)
+
+
+class _FP8AttnLinearFn(torch.autograd.Function):
+    """proj(attention(q, k, v)) for an FP8Linear proj (the attention's c_proj; --fp8_saved_attn): causal attention in
+    the input dtype by cuDNN's (or flash's) fused op, exactly what F.scaled_dot_product_attention computes, then the
+    FP8 linear. What the backward keeps is what differs: q, k, v as one E4M3 (M, 3C) matrix with a delayed scale of
+    its own (qkv_meta_t), 3 bytes per token and channel instead of BF16's 6, and no copy of the attention output O:
+    the attention backward reads O (only for its rowsum(dO * O) term) back from proj's own FP8 input copy, the
+    transposed one its wgrad keeps anyway (2 bytes less). The backward then runs the same fused attention backward
+    op on the dequantized q, k, v and O: the forward is unchanged, the attention's input gradients carry the E4M3
+    rounding of its inputs (test_fp8_saved_attn_*: SQNR floors against a float64 reference)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, weight, bias, g_meta, x_meta_t, g_meta_t, grad_bufs, w_fp8_t3, precise, qkv_meta_t,
+                backend, residual=None):
+        x_scale, x_si, x_amax, x_stats = x_meta_t
+        qkv_scale, qkv_si, qkv_amax, qkv_stats = qkv_meta_t
+        w_fp8, w_fp8_t, w_si = w_fp8_t3
+        B, H, T, D = q.shape
+        o, aux = _sdpa_fwd(backend, q, k, v)  # (B, nh, T, hs)
+        o2 = _rows(o)  # (M, C): a view (the ops write O as (B, T, nh, hs) memory)
+        # proj's input cast; the transposed copy always: the attention backward reads O from it
+        x_fp8, x_fp8_t = cast(o2, E4M3, x_scale, x_amax, x_stats, transpose=True, pad_t=PAD_TOKENS)
+        out = gemm(x_fp8, w_fp8, x_si, w_si, _out_dtype(o2), bias, precise=precise[0])  # (M, N)
+        # q, k, v as one (M, 3C) E4M3 matrix, read in place where they are c_attn's column blocks (rotated q, k of
+        # RoPE are copied into rows by _rows, and then v too: the cast's parts share one layout)
+        parts = tuple(_rows(t) for t in (q, k, v))
+        if len({p.stride() for p in parts}) > 1:
+            parts = tuple(p.contiguous() for p in parts)
+        qkv8, _ = cast(parts, E4M3, qkv_scale, qkv_amax, qkv_stats)
+        x_like = o2.view(B, T, H * D)
+        _linear_ctx(ctx, x_like, weight, bias, g_meta, w_fp8_t, precise, residual)
+        ctx.save_for_backward(x_fp8_t, x_si, w_fp8_t if ctx.w_is_t else w_fp8, w_si, qkv8, qkv_si, *aux, *g_meta_t,
+                              *grad_bufs)
+        ctx.backend, ctx.n_aux, ctx.heads, ctx.o_dtype = backend, len(aux), (B, H, T, D), o.dtype
+        return _linear_out(out.view(B, T, out.shape[-1]), residual, 1)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x_t, x_si, w_t, w_si, qkv8, qkv_si, *rest = ctx.saved_tensors
+        aux, g_and_bufs = rest[:ctx.n_aux], rest[ctx.n_aux:]
+        grad_o, grad_b = _linear_backward(ctx, grad_output, lambda grad_x: x_t, x_si, w_t, w_si, g_and_bufs)
+        B, H, T, D = ctx.heads
+        M, C = B * T, H * D
+        heads = lambda t: t.view(B, T, H, D).transpose(1, 2)  # noqa: E731  (M, C) rows -> (B, nh, T, hs)
+        o = _dequantize(x_t[:, :M].t(), x_si, ctx.o_dtype).contiguous()  # (M, C)
+        q, k, v = (heads(t) for t in _dequantize(qkv8, qkv_si, ctx.o_dtype).split(C, dim=1))
+        dq, dk, dv = _sdpa_bwd(ctx.backend, heads(grad_o.to(ctx.o_dtype)), q, k, v, heads(o), aux)
+        return (dq, dk, dv, None, grad_b, None, None, None, None, None, None, None, None,
                 grad_output if ctx.has_residual else None)
 
 

@@ -237,7 +237,32 @@ def use_recompute_attn(model: nn.Module) -> nn.Module:
     attention forward (about a third of the block's forward FLOPs at T = 2048, C = 2048)."""
     for mod in model.modules():
         if isinstance(mod, Attention):
+            if getattr(mod.c_proj, "qkv_meta", None) is not None:
+                raise ValueError("--recompute_attn=1 goes without --fp8_saved_attn")
             mod.recompute = True
+    return model
+
+
+def use_fp8_saved_attn(model: nn.Module) -> nn.Module:
+    """Each attention's FP8 c_proj applies the attention itself and keeps q, k, v for the backward in E4M3 with a
+    delayed scale of their own (c_proj.qkv_meta), and the attention output only as its own FP8 input copy (train.py
+    --fp8_saved_attn=1, levels >= 1; fp8._FP8AttnLinearFn): 3 bytes per token and channel instead of 8. The
+    attention itself is the fused op F.scaled_dot_product_attention would run (cuDNN's on an H100), in BF16; only its
+    backward reads the FP8 copies (dequantized), so only the attention's input gradients change."""
+    device = next(model.parameters()).device
+    for mod in model.modules():
+        if not isinstance(mod, Attention):
+            continue
+        if not isinstance(mod.c_proj, fp8.FP8Linear):
+            raise ValueError("--fp8_saved_attn=1 needs FP8 linears: use --fp8_level >= 1 (or --fp8_saved_attn=0)")
+        if not isinstance(mod.sdpa, CausalSDPA) or mod.recompute:
+            raise ValueError("--fp8_saved_attn=1 goes without --fp8_attention and --recompute_attn")
+        if mod.dropout:
+            raise ValueError("--fp8_saved_attn=1 has no attention dropout; use dropout=0 or --fp8_saved_attn=0")
+        x_meta, C = mod.c_proj.x_meta, mod.c_proj.in_features
+        mod.c_proj.qkv_meta = fp8.ScalingMeta(fp8.E4M3, len(x_meta.amax_history), x_meta.margin, device)
+        mod.c_proj.qkv_meta.features = 3 * C
+        mod.c_proj.attn_backend = fp8.sdpa_backend(device, C // mod.n_head)
     return model
 
 
@@ -280,10 +305,18 @@ class Attention(nn.Module):
         """c_proj(attention(x)), plus residual when given."""
         if self.recompute and torch.is_grad_enabled():
             return project(self.c_proj, recompute_in_backward(self._mix, x, self.dropout), residual)
+        if getattr(self.c_proj, "qkv_meta", None) is not None and torch.is_grad_enabled():
+            return self.c_proj(self._heads(x), residual=residual)  # it applies the attention (use_fp8_saved_attn)
         return project(self.c_proj, self._mix(x), residual)
 
     def _mix(self, x):
         """x (B, T, C) -> the heads' attention outputs side by side (B, T, C): c_proj's input."""
+        B, T, C = x.size()
+        y = self.sdpa(*self._heads(x))  # (B, nh, T, hs)
+        return y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
+
+    def _heads(self, x):
+        """x (B, T, C) -> the attention's q, k, v (B, nh, T, hs)."""
         B, T, C = x.size()
         if FUSED_IO and isinstance(self.c_attn, fp8.FP8Linear) and torch.is_grad_enabled():
             q, k, v = self.c_attn(x, n_split=3)  # its backward casts dq, dk, dv without concatenating them first
@@ -296,9 +329,7 @@ class Attention(nn.Module):
             q, k = F.rms_norm(q, (q.size(-1),), eps=1e-6).type_as(v), F.rms_norm(k, (k.size(-1),), eps=1e-6).type_as(v)
         if self.rope:
             q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
-        q, k = self.q_tap(q), self.k_tap(k)  # identity (the monitor hooks them): what the QK^T GEMM reads
-        y = self.sdpa(q, k, v)  # (B, nh, T, hs)
-        return y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
+        return self.q_tap(q), self.k_tap(k), v  # identity (the monitor hooks them): what the QK^T GEMM reads
 
 
 # the FP8 linears' fused branch ends (project; Attention._mix's split c_attn): 0 = the plain ops, same numbers (A/B)

@@ -61,6 +61,8 @@ class TrainConfig:
     # BF16 (model.BF16Norm); -1 = 1 at levels >= 1 (their output feeds an FP8 cast), 0 at level 0 (the reference)
     head_chunk: int = 0  # > 0: training loss in chunks of this many rows, no (B, T, V) logits kept (model.GPT.head)
     recompute_attn: bool = False  # keep each attention's input only, the backward re-runs it (model.use_recompute_attn)
+    fp8_saved_attn: bool = False  # keep each attention's q, k, v for the backward in FP8, its output only as c_proj's
+    # FP8 input copy; the attention itself unchanged (model.use_fp8_saved_attn); levels >= 1
     keep_weight_t: bool = True  # 0: no (K, N) FP8 weight copy between steps, dgrad transposes (1 byte/param less)
     n_layer: int = 0  # model size overrides; 0 = the preset's
     n_head: int = 0
@@ -109,6 +111,9 @@ class TrainConfig:
             raise ValueError(f"--fp8_level must be 0..3 (or -1 = highest), got {self.fp8_level}")
         if self.fp8_attention and self.fp8_level == 0:
             raise ValueError("--fp8_attention=1 needs FP8 linears: use --fp8_level >= 1 (or --fp8_attention=0)")
+        if self.fp8_saved_attn and (self.fp8_level == 0 or self.fp8_attention or self.recompute_attn):
+            raise ValueError("--fp8_saved_attn=1 needs FP8 linears (--fp8_level >= 1) and goes without "
+                             "--fp8_attention and --recompute_attn")
         if self.fp8_gelu not in (-1, 0, 1, 2, 3, 4):
             raise ValueError(f"--fp8_gelu must be 0..4 (or -1 = the level's default), got {self.fp8_gelu}")
         if self.bf16_norms not in (-1, 0, 1):
@@ -432,13 +437,18 @@ def save_checkpoint(path: str, model, opt, step: int, cfg: TrainConfig, n_skippe
     os.replace(tmp, path)
 
 
+OPTIONAL_SITES = (".h_meta.", ".qkv_meta.")  # the scaling sites of --fp8_gelu=4 and --fp8_saved_attn=1
+
+
 def load_model_state(model, sd: dict) -> None:
-    """model.load_state_dict(sd), strict but for the scaling sites of --fp8_gelu=4 (fp8.FP8Linear.h_meta): a run
-    may switch --fp8_gelu on resume; a site the checkpoint lacks starts unprimed, one it has too many is dropped."""
+    """model.load_state_dict(sd), strict but for the scaling sites of --fp8_gelu=4 and --fp8_saved_attn=1
+    (fp8.FP8Linear.h_meta, qkv_meta): a run may switch those flags on resume; a site the checkpoint lacks starts
+    unprimed, one it has too many is dropped."""
     own = model.state_dict().keys()
-    missing, unexpected = model.load_state_dict({k: v for k, v in sd.items() if ".h_meta." not in k or k in own},
+    optional = lambda k: any(s in k for s in OPTIONAL_SITES)  # noqa: E731
+    missing, unexpected = model.load_state_dict({k: v for k, v in sd.items() if not optional(k) or k in own},
                                                 strict=False)
-    missing = [k for k in missing if ".h_meta." not in k]
+    missing = [k for k in missing if not optional(k)]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
 
@@ -692,6 +702,8 @@ def build(cfg: TrainConfig, world: int, device: str, ckpt_path: str):
         M.use_bf16_norms(raw)
     if cfg.recompute_attn:
         M.use_recompute_attn(raw)
+    if cfg.fp8_saved_attn:
+        M.use_fp8_saved_attn(raw)
     raw.head_chunk = cfg.head_chunk
     rank = dist.get_rank() if world > 1 else 0
     fc = FP8Comm.needed(raw, cfg.fp8_level, rank, world)
@@ -802,7 +814,7 @@ def sample(cfg: TrainConfig, device: str) -> str:
     m = fp8.convert_to_fp8(M.GPT(M.GPTConfig(**ck["model_config"])), ck["fp8_level"]).to(device)
     if ck["config"].get("fp8_attention"):
         M.use_fp8_attention(m)
-    load_model_state(m, ck["model"])  # a --fp8_gelu=4 run's h_meta sites: not in this plain model
+    load_model_state(m, ck["model"])  # a --fp8_gelu=4 / --fp8_saved_attn=1 run's extra sites: not in this plain model
     m.eval()
     enc = prepare.get_tokenizer()
     idx = torch.tensor([enc.encode_ordinary(cfg.prompt) or [enc.eot_token]], device=device)  # (1, T)
