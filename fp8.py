@@ -997,9 +997,35 @@ def sdpa_backend(device, head_size: int) -> str:
                      f"({'; '.join(errors)}); use --fp8_saved_attn=0")
 
 
-def _dequantize(x8: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x8 * scale_inv in dtype: exact (a power-of-two scale, E4M3's 3 mantissa bits fit BF16's 7)."""
-    return x8.to(dtype) * scale_inv.to(dtype)
+def _saved_attn_bwd_rows(g, qkv8, qkv_si, x_t, x_si, aux, backend, B, H):
+    """The attention backward of _FP8AttnLinearFn: dO rows g (M, C), q, k, v as one E4M3 (M, 3C) matrix, O as the
+    transposed E4M3 copy x_t (C, Mp) -> dq, dk, dv rows (M, C) in g.dtype. Dequantized in one pass each
+    (kernels.dequantize: exact), then the fused attention backward op of backend."""
+    M, C = g.shape
+    heads = lambda t: t.view(B, M // B, H, C // H).transpose(1, 2)  # noqa: E731  (M, C) rows -> (B, nh, T, hs)
+    o = kernels.dequantize(x_t[:, :M].t(), x_si, g.dtype)  # (M, C)
+    q, k, v = (heads(t) for t in kernels.dequantize(qkv8, qkv_si, g.dtype).split(C, dim=1))
+    grads = _sdpa_bwd(backend, heads(g), q, k, v, heads(o), aux)
+    return tuple(_rows(d).contiguous() for d in grads)  # views: the ops write (B, T, nh, hs) memory
+
+
+# a custom op under torch.compile so that the dequantization stays in the backward: as plain torch ops, which read
+# only forward tensors, the partitioner moved them into the forward graph and kept their BF16 results (the very
+# 6 bytes per token and channel this path exists to spare; seen in TORCH_LOGS=aot_graphs)
+@torch.library.custom_op("nanofp8::saved_attn_bwd", mutates_args=())
+def _saved_attn_bwd_op(g: torch.Tensor, qkv8: torch.Tensor, qkv_si: torch.Tensor, x_t: torch.Tensor,
+                       x_si: torch.Tensor, aux: list[torch.Tensor], backend: str, n_batch: int,
+                       n_head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _saved_attn_bwd_rows(g, qkv8, qkv_si, x_t, x_si, aux, backend, n_batch, n_head)
+
+
+@_saved_attn_bwd_op.register_fake
+def _(g, qkv8, qkv_si, x_t, x_si, aux, backend, n_batch, n_head):
+    return tuple(g.new_empty(g.shape) for _ in range(3))
+
+
+def saved_attn_bwd(*args):
+    return _saved_attn_bwd_op(*args) if torch.compiler.is_compiling() else _saved_attn_bwd_rows(*args)
 
 
 class _FP8AttnLinearFn(torch.autograd.Function):
@@ -1043,11 +1069,8 @@ class _FP8AttnLinearFn(torch.autograd.Function):
         aux, g_and_bufs = rest[:ctx.n_aux], rest[ctx.n_aux:]
         grad_o, grad_b = _linear_backward(ctx, grad_output, lambda grad_x: x_t, x_si, w_t, w_si, g_and_bufs)
         B, H, T, D = ctx.heads
-        M, C = B * T, H * D
-        heads = lambda t: t.view(B, T, H, D).transpose(1, 2)  # noqa: E731  (M, C) rows -> (B, nh, T, hs)
-        o = _dequantize(x_t[:, :M].t(), x_si, ctx.o_dtype).contiguous()  # (M, C)
-        q, k, v = (heads(t) for t in _dequantize(qkv8, qkv_si, ctx.o_dtype).split(C, dim=1))
-        dq, dk, dv = _sdpa_bwd(ctx.backend, heads(grad_o.to(ctx.o_dtype)), q, k, v, heads(o), aux)
+        grads = saved_attn_bwd(grad_o.to(ctx.o_dtype), qkv8, qkv_si, x_t, x_si, list(aux), ctx.backend, B, H)
+        dq, dk, dv = (g.view(B, T, H, D).transpose(1, 2) for g in grads)
         return (dq, dk, dv, None, grad_b, None, None, None, None, None, None, None, None,
                 grad_output if ctx.has_residual else None)
 

@@ -223,6 +223,33 @@ def amax_into(x: torch.Tensor, amax: torch.Tensor, prev: Optional[tuple] = None)
     return amax
 
 
+@triton.jit
+def _dequant_kernel(x_ptr, si_ptr, y_ptr, M, N, stride_xm, stride_xn, stride_ym,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # y (M, N) row-major = x * scale_inv; x any strides (a transposed view: a tile transpose through registers)
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    x = tl.load(x_ptr + rm[:, None] * stride_xm + rn[None, :] * stride_xn, mask=mask, other=0.0)
+    y = x.to(tl.float32) * tl.load(si_ptr)
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize(x: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x (M, N) FP8 of any strides (e.g. the transposed view of a layer's (N, Mp) FP8 input copy) -> x * scale_inv as
+    a new row-major (M, N) tensor of dtype, in one pass. Exact for BF16, FP16 and float32 (a power-of-two scale)."""
+    assert x.dim() == 2 and x.dtype in FP8_DTYPES and scale_inv.numel() == 1 and dtype in HP_DTYPES
+    if not use_triton(x):
+        return (x.float() * scale_inv.float()).to(dtype).contiguous()
+    M, N = x.shape
+    y = torch.empty((M, N), dtype=dtype, device=x.device)
+    bm, bn = (64, 64) if not INTERPRET else (16, 16)
+    _dequant_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](x, scale_inv, y, M, N, x.stride(0), x.stride(1),
+                                                              y.stride(0), BLOCK_M=bm, BLOCK_N=bn,
+                                                              num_warps=4 if not INTERPRET else 1)
+    return y
+
+
 def fmax_bits(fp8_dtype: torch.dtype):
     """(exponent, fp32 mantissa bits) of the format's max: 448 = 1.75 * 2^8, 57344 = 1.75 * 2^15."""
     b = struct.unpack("<I", struct.pack("<f", fp8_max(fp8_dtype)))[0]  # plain Python: traceable

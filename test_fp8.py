@@ -3433,14 +3433,41 @@ def test_recompute_attn_flag_trains_identically(data_dir, tmp_path):
 
 
 # --fp8_saved_attn (fp8._FP8AttnLinearFn): the attention's backward reads q, k, v and its output O dequantized from
-# E4M3. Against a float64 attention + c_proj (random q, k, v with a 30x outlier in q and one in v, random dO, CPU, 4
-# seeds): dq, dk 20.6-21.3 dB, dv 22.7-23.7 dB, where the plain path (BF16 q, k, v, O and the same E5M2 output
-# gradient) gets 24.0-25.6. E4M3's 3 mantissa bits cost ~4 dB on dq, dk: with a BF16 dO, each of q, k, v rounded
-# alone gives 28-31 dB, O alone 35 dB, all four 24 dB. The floors sit ~1.5 dB under the lowest measured.
-FP8_SAVED_ATTN_GRAD_SQNR_DB = {"q": 19.0, "k": 19.0, "v": 21.0}
+# E4M3. Against a float64 attention + c_proj (random q, k, v with a 30x outlier in q and one in v, random dO):
+# dq, dk 20.6-21.3 dB, dv 22.7-23.7 dB on the CPU (4 seeds); on the H100 (cuDNN, 6 seeds) dq, dk 20.5-22.0, dv
+# 19.3-23.6, where the plain path (BF16 q, k, v, O and the same E5M2 output gradient) gets 22.5-25.6. E4M3's 3
+# mantissa bits cost ~3-5 dB: with a BF16 dO, each of q, k, v rounded alone gives 28-31 dB, O alone 35 dB, all four
+# 24 dB (CPU). The floor sits ~1.3 dB under the lowest measured; a 10% error in O alone drops dk to 18.2.
+FP8_SAVED_ATTN_GRAD_SQNR_DB = 18.0
 # in the tiny level-2 GPT the FP8 gradients downstream dominate: every parameter gradient within 0.9 dB of the plain
 # path's own SQNR against the float32 model (3 steps); 2 dB leaves room for other seeds, a wrong dq would not fit
 FP8_SAVED_ATTN_MODEL_SLACK_DB = 2.0
+
+
+@pytest.mark.parametrize("fmt", [fp8.E4M3, fp8.E5M2])
+def test_dequantize_matches_reference(fmt):
+    """kernels.dequantize: every FP8 bit pattern times a power-of-two scale_inv, into BF16, FP16 and float32, bit for
+    bit the torch reference (NaNs: NaN, any payload; E5M2's Infs included); from a row-major matrix and from the
+    transposed view of an (N, Mp) copy (the attention backward's O), odd shapes. The Triton interpreter reads
+    E4M3's NaN pattern as 480 and E5M2's Inf as 65536 (not what the GPU does): non-finite results are checked on
+    the GPU only."""
+    M, N, Mp = 37, 53, 48 + 16
+    bits = torch.arange(256, dtype=torch.int32).repeat(M * N // 256 + 1)[torch.randperm(M * N)].to(torch.uint8)
+    x = bits.view(fmt).view(M, N).to(DEV)
+    x_t = torch.zeros(N, Mp, dtype=torch.uint8, device=DEV).view(fmt)
+    x_t[:, :M] = x.t()
+    for si in (2.0 ** -7, 2.0 ** 3):
+        scale_inv = torch.full((1,), si, device=DEV)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            ref = (x.float() * si).to(dtype)
+            fin = torch.isfinite(ref)
+            for src in (x, x_t[:, :M].t()):
+                got = kernels.dequantize(src, scale_inv, dtype)
+                assert got.is_contiguous() and got.dtype == dtype
+                assert _bits_equal(got[fin], ref[fin]), (fmt, si, dtype, src.stride())
+                if CUDA:
+                    assert torch.equal(torch.isnan(got), torch.isnan(ref)), (fmt, si, dtype, src.stride())
+                    assert torch.equal(got[torch.isinf(ref)], ref[torch.isinf(ref)]), (fmt, si, dtype, src.stride())
 
 
 def _saved_attn_layer(C: int, seed: int):
@@ -3482,7 +3509,7 @@ def test_fp8_saved_attn_gradients_against_float64(torch_refs, seed):
     for i, part in enumerate("qkv"):
         cols = slice(i * C, (i + 1) * C)
         got = sqnr_db(res["ref"][1][..., cols], res["saved"][1][..., cols])
-        assert got >= FP8_SAVED_ATTN_GRAD_SQNR_DB[part], (part, got)
+        assert got >= FP8_SAVED_ATTN_GRAD_SQNR_DB, (part, got)
     assert saved.qkv_meta.amax_history[0] == qkv.bfloat16().float().abs().max() == 30.0
     saved.qkv_meta.update()
     scale = saved.qkv_meta.scale.clone()
@@ -3495,9 +3522,9 @@ def test_fp8_saved_attn_gradients_against_float64(torch_refs, seed):
     assert saved.qkv_meta.n_nonfinite.item() == 1 and torch.equal(saved.qkv_meta.scale, scale)
 
 
-def _saved_attn_pair(arch: str):
+def _saved_attn_pair(arch: str, L: int = 2, C: int = 64, T: int = 32):
     torch.manual_seed(0)
-    cfg = M.GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=320, arch=arch)
+    cfg = M.GPTConfig(n_layer=L, n_head=2, n_embd=C, block_size=T, vocab_size=320, arch=arch)
     ref = M.GPT(cfg).to(DEV)
     plain = M.use_bf16_norms(fp8.convert_to_fp8(copy.deepcopy(ref), 2))
     return ref, plain, M.use_fp8_saved_attn(copy.deepcopy(plain))  # ref: float32 (llama's RMSNorm computes in it)
@@ -3550,25 +3577,35 @@ def test_fp8_saved_attn_model_keeps_less(torch_refs, arch):
 
 
 def test_fp8_saved_attn_traces_under_torch_compile(torch_refs):
-    """use_fp8_saved_attn in one compiled graph (fullgraph, aot_eager): the same loss and gradients as eager, and at
-    least 5 bytes per token and channel less kept per block than the compiled model without it."""
+    """use_fp8_saved_attn with each block compiled (as --compile_blocks=1): under aot_eager the same gradients as
+    eager; under aot_eager_decomp_partition (inductor's min-cut partitioner, without its code generation) at least
+    5 bytes per token and channel less kept per block than the same compile without it. With the attention
+    backward's dequantization as plain torch ops, the partitioner moved it into the forward and kept BF16 q, k, v
+    at this size (2 bytes less, not 5; at C=64, T=32 it did not), hence C=128, T=64."""
     import bench
-    _, plain, saved = _saved_attn_pair("gpt2")
-    idx = torch.randint(0, 320, (2, 32), device=DEV)
+    B, T, C = 2, 64, 128
+    _, plain, saved = _saved_attn_pair("gpt2", 1, C, T)
+    idx = torch.randint(0, 320, (B, T), device=DEV)
     for m in (plain, saved):
         m(idx, idx)[1].backward()  # eager first: primes the scales
         fp8.zero_fp8_grads(m)
         m.zero_grad()
+
+    def compiled(m, backend):
+        m = copy.deepcopy(m)
+        torch._dynamo.reset()
+        m.transformer.h[0] = torch.compile(m.transformer.h[0], backend=backend, fullgraph=True)
+        return m
     kept = {}
     for name, m in (("plain", plain), ("saved", saved)):
-        torch._dynamo.reset()
-        eager = copy.deepcopy(m)
-        kept[name] = bench.saved_breakdown(torch.compile(m, backend="aot_eager", fullgraph=True), idx, DEV)["saved_bytes"]
-        bench.saved_breakdown(eager, idx, DEV)
-        for (n, p), q in zip(m.named_parameters(), eager.parameters()):
+        c, eager = compiled(m, "aot_eager"), copy.deepcopy(m)
+        for x in (c, eager):
+            bench.saved_breakdown(x, idx, DEV)
+        for (n, p), q in zip(c.named_parameters(), eager.parameters()):
             assert p.grad is None or torch.equal(p.grad, q.grad), (name, n)
+        kept[name] = bench.saved_breakdown(compiled(m, "aot_eager_decomp_partition"), idx, DEV)["saved_bytes"]
     torch._dynamo.reset()
-    assert kept["plain"] - kept["saved"] >= 5 * 2 * 32 * 64 * 2, kept
+    assert kept["plain"] - kept["saved"] >= 5 * B * T * C, kept
 
 
 def test_bench_saved_breakdown_cpu(torch_refs):
