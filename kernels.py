@@ -774,17 +774,20 @@ def ce_chunk_ref(logits, targets, inv_n, ignore_index=-100):
     return loss, p.mul_(ok * inv_n).to(logits.dtype)
 
 
-def ce_chunk(logits: torch.Tensor, targets: torch.Tensor, inv_n: torch.Tensor, ignore_index: int = -100):
+def ce_chunk(logits: torch.Tensor, targets: torch.Tensor, inv_n: torch.Tensor, ignore_index: int = -100,
+             in_place: bool = False):
     """Cross-entropy of the rows of logits (m, V) against targets (m,) (ignore_index: no loss, no gradient), in
     float32: (loss per row (m,) float32, gradient of sum(loss) * inv_n (a (1,) tensor: 1 / the batch's target
     count) w.r.t. the logits, (m, V) in logits' dtype). One kernel: two reads of the logits, one write; no
-    float32 copy of the chunk (the torch sequence writes and rereads (m, V) float32 several times)."""
+    float32 copy of the chunk (the torch sequence writes and rereads (m, V) float32 several times). in_place: the
+    gradient overwrites the logits (each row's second pass writes only what it has just read): one chunk buffer."""
     assert logits.dim() == 2 and logits.is_contiguous() and targets.shape == logits.shape[:1]
     if not use_triton(logits):
-        return ce_chunk_ref(logits, targets, inv_n, ignore_index)
+        loss, g = ce_chunk_ref(logits, targets, inv_n, ignore_index)
+        return loss, (logits.copy_(g) if in_place else g)
     m, V = logits.shape
     loss = torch.empty(m, device=logits.device)
-    g = torch.empty_like(logits)
+    g = logits if in_place else torch.empty_like(logits)
     _ce_kernel[(m,)](logits, targets, inv_n, loss, g, V, IGNORE=ignore_index,
                      BLOCK_V=4096 if not INTERPRET else 64, num_warps=8 if not INTERPRET else 1)
     return loss, g

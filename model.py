@@ -455,7 +455,8 @@ _ADDMM_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")  # addmm(..., out_
 class _ChunkedHeadLossFn(torch.autograd.Function):
     """Mean cross-entropy of the logits x @ w^T (targets of -100 ignored, as F.cross_entropy) that never holds
     the (M, V) logits: `chunk` rows at a time, the loss and both gradients are computed in the forward (the
-    loss is a scalar: its backward only scales them). Peak extra memory: one chunk's float32 logits. The
+    loss is a scalar: its backward only scales them, in place). Peak extra memory: one chunk's logits (their
+    gradient is written over them), the float32 (V, C) weight gradient and a BF16 copy of the weight. The
     plain head keeps the BF16 logits, their float32 copy and the float32 log-softmax alive at once, ~10 bytes
     per logit (8 GB for a (16384, 50304) batch). Each chunk is what the plain head computes: BF16 logits
     under autocast, float32 softmax, BF16 logit gradient, BF16 GEMMs; the softmax and its gradient are one kernel
@@ -471,8 +472,8 @@ class _ChunkedHeadLossFn(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         for s in range(0, x.shape[0], chunk):
             logits = xc[s:s + chunk] @ wc.t()  # (m, V), in dt
-            rows, g = kernels.ce_chunk(logits, targets[s:s + chunk].contiguous(), inv_n)  # g: d loss / d logits
-            del logits
+            # g: d loss / d logits, written over the logits (one (chunk, V) buffer, not two)
+            rows, g = kernels.ce_chunk(logits, targets[s:s + chunk].contiguous(), inv_n, in_place=True)
             loss += rows.sum()
             torch.matmul(g, wc, out=gx[s:s + chunk])
             if gw.is_cuda and g.dtype != torch.float32 and _ADDMM_OUT_DTYPE:  # cuBLAS adds the BF16 product to gw in float32, in place
@@ -480,13 +481,19 @@ class _ChunkedHeadLossFn(torch.autograd.Function):
             else:  # (the CPU has no mixed-dtype addmm): the product rounded to dt, then added
                 gw += g.t() @ xc[s:s + chunk]
         ctx.save_for_backward(gx, gw)
-        ctx.x_dtype, ctx.w_dtype = x.dtype, w.dtype
+        ctx.x_dtype, ctx.w_dtype, ctx.consumed = x.dtype, w.dtype, False
         return (loss * inv_n).squeeze(0)
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # scaled in place: a scaled copy of the float32 (V, C) gw would be the step's peak (the head's backward runs
+        # first, with every activation still kept); so the graph cannot be run backward twice
+        if ctx.consumed:
+            raise RuntimeError("the chunked head loss scales its saved gradients in place: no second backward "
+                               "through the same graph (retain_graph)")
+        ctx.consumed = True
         gx, gw = ctx.saved_tensors
-        return (gx * grad_loss).to(ctx.x_dtype), (gw * grad_loss).to(ctx.w_dtype), None, None
+        return gx.mul_(grad_loss.to(gx.dtype)).to(ctx.x_dtype), gw.mul_(grad_loss).to(ctx.w_dtype), None, None
 
 
 @torch.compiler.disable

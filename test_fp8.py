@@ -3239,7 +3239,8 @@ def _head_pair(arch: str, chunk: int):
 def test_chunked_head_loss_matches_plain(arch):
     """Chunks that do not divide the rows (96 rows, 40 per chunk), ignored targets (-100), tied (gpt2) and untied
     (llama) heads: float32 loss and every gradient as the plain head's; under BF16 autocast, the same loss to
-    BF16 rounding. Without grad (eval), the plain head (logits returned)."""
+    BF16 rounding. A scaled loss's gradients too (scaled in place: a second backward raises). Without grad (eval),
+    the plain head (logits returned)."""
     plain, chunked = _head_pair(arch, 40)
     idx = torch.randint(0, 300, (3, 32))
     tgt = idx.roll(-1, 1)
@@ -3251,6 +3252,15 @@ def test_chunked_head_loss_matches_plain(arch):
     assert abs(lp.item() - lc.item()) <= HEAD_CHUNK_FP32_RTOL * lp.item()
     for (name, p), q in zip(plain.named_parameters(), chunked.parameters()):
         assert ((p.grad - q.grad).norm() / p.grad.norm()).item() <= HEAD_CHUNK_FP32_RTOL, name
+    for m in (plain, chunked):  # a scaled loss (accumulation divides it): the saved gradients are scaled in place
+        m.zero_grad(set_to_none=True)
+    half = chunked(idx, tgt)[1] * 0.5
+    (plain(idx, tgt)[1] * 0.5).backward()
+    half.backward(retain_graph=True)
+    for (name, p), q in zip(plain.named_parameters(), chunked.parameters()):
+        assert ((p.grad - q.grad).norm() / p.grad.norm()).item() <= HEAD_CHUNK_FP32_RTOL, name
+    with pytest.raises(RuntimeError, match="no second backward"):
+        half.backward()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         lp, lc = plain(idx, tgt)[1], chunked(idx, tgt)[1]
     assert abs(lp.item() - lc.item()) <= 2 ** -8 * lp.item()
@@ -3280,7 +3290,7 @@ CE_LOSS_RTOL = 2e-6
 def test_ce_chunk_kernel(dtype, V):
     """Per-row loss within CE_LOSS_RTOL of the torch sequence (float32 log-softmax), the gradient within one ulp of
     its dtype (float32: within lse's rounding); ignored rows (-100) give 0 and a zero gradient; a NaN logit makes its row's loss NaN only; the
-    losses match F.cross_entropy on the float32 logits."""
+    losses match F.cross_entropy on the float32 logits; in_place writes the same gradient over the logits."""
     torch.manual_seed(V)
     m = 9
     logits = (torch.randn(m, V) * 4).to(dtype)
@@ -3298,6 +3308,9 @@ def test_ce_chunk_kernel(dtype, V):
     # p = exp(x - lse) carries lse's absolute error as a relative one: |lse| * a few float32 eps, or one ulp of dtype
     rtol = max(torch.finfo(dtype).eps, 8 * torch.finfo(torch.float32).eps * lr.abs().max().item())
     torch.testing.assert_close(g.float(), gr.float(), rtol=rtol, atol=1e-7 * inv_n.item())
+    over = logits.clone()  # in_place (the chunked head): the same bits, written over the logits
+    loss_i, g_i = kernels.ce_chunk(over, t, inv_n, in_place=True)
+    assert g_i.data_ptr() == over.data_ptr() and _bits_equal(g_i, g) and torch.equal(loss_i, loss)
     logits[4, 7] = float("nan")
     loss = kernels.ce_chunk(logits, t, inv_n)[0]
     assert loss[4].isnan() and torch.isfinite(loss[torch.arange(m, device=DEV) != 4]).all()
