@@ -496,6 +496,29 @@ class _ChunkedHeadLossFn(torch.autograd.Function):
         return gx.mul_(grad_loss.to(gx.dtype)).to(ctx.x_dtype), gw.mul_(grad_loss).to(ctx.w_dtype), None, None
 
 
+class _CPUHeadFn(torch.autograd.Function):
+    """The LM head x @ w^T under CPU autocast (BF16), as F.linear computes it, with the input gradient's GEMM fed
+    a column-major copy of the logits' gradient: the CPU's BF16 GEMM (oneDNN, without AVX512-BF16) runs
+    (M, V) @ (V, C) ~13x slower with a row-major left operand (0.65 vs 0.05 s at M=128, V=50304, C=64 on CI's 2
+    cores; the copy takes 0.01 s). It was most of a tiny model's CPU training step (python train.py on a laptop,
+    the trainer tests)."""
+
+    @staticmethod
+    def forward(ctx, x, w, dt):
+        xc, wc = x.to(dt), w.to(dt)
+        ctx.save_for_backward(xc, wc)
+        ctx.x_dtype, ctx.w_dtype = x.dtype, w.dtype
+        return xc @ wc.t()
+
+    @staticmethod
+    def backward(ctx, g):
+        xc, wc = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])  # (M, V)
+        gx = g2.t().contiguous().t() @ wc  # column-major left operand: the fast path
+        gw = g2.t() @ xc.reshape(-1, xc.shape[-1])  # (V, M) @ (M, C): already fast
+        return gx.view(xc.shape).to(ctx.x_dtype), gw.to(ctx.w_dtype), None
+
+
 @torch.compiler.disable
 def chunked_head_loss(x, w, targets, chunk):
     """_ChunkedHeadLossFn, eager also inside a compiled head (a graph break): one chunk's buffers at a time."""
@@ -579,7 +602,11 @@ class GPT(nn.Module):
             B, T, C = x.shape
             return None, chunked_head_loss(x.reshape(B * T, C), self.lm_head.weight, targets.reshape(-1),
                                            self.head_chunk)
-        logits = self.lm_head(x)  # (B, T, V)
+        if x.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu") \
+                and self.lm_head.bias is None:
+            logits = _CPUHeadFn.apply(x, self.lm_head.weight, torch.get_autocast_dtype("cpu"))  # (B, T, V)
+        else:
+            logits = self.lm_head(x)  # (B, T, V)
         # loss in float32: a BF16 log-softmax over 50k classes loses the small probabilities
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
