@@ -3280,6 +3280,39 @@ def test_chunked_head_loss_matches_plain(arch):
     assert logits.shape == (3, 32, 300) and torch.isfinite(loss)
 
 
+# model._CPUHeadFn vs F.linear under CPU autocast: the same BF16 GEMMs, the input gradient's with a column-major left
+# operand (another accumulation order inside oneDNN): measured 4e-9 relative on the float32 input gradient; BF16's
+# own rounding (2^-8) bounds what a reordered sum can change
+CPU_HEAD_GRAD_RTOL = 2.0 ** -8
+
+
+def test_cpu_head_matches_linear(monkeypatch):
+    """The LM head under CPU autocast (model._CPUHeadFn, for the speed of the CPU's BF16 GEMMs): the logits and the
+    weight gradient bit for bit those of F.linear, the input gradient within CPU_HEAD_GRAD_RTOL; GPT's training
+    forward on the CPU under autocast takes it, without autocast not."""
+    torch.manual_seed(0)
+    x0, w0, g = torch.randn(2, 16, 64), torch.randn(300, 64) * 0.02, torch.randn(2, 16, 300)
+    out = []
+    for fn in (lambda x, w: F.linear(x, w), lambda x, w: M._CPUHeadFn.apply(x, w, torch.bfloat16)):
+        x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(x, w)
+        y.backward(g.to(y.dtype))
+        out.append((y.detach(), x.grad, w.grad))
+    (y_a, gx_a, gw_a), (y_b, gx_b, gw_b) = out
+    assert y_b.dtype == torch.bfloat16 and torch.equal(y_a, y_b) and torch.equal(gw_a, gw_b)
+    assert gx_b.dtype == torch.float32 and ((gx_a - gx_b).norm() / gx_a.norm()).item() <= CPU_HEAD_GRAD_RTOL
+    calls = []
+    apply = M._CPUHeadFn.apply
+    monkeypatch.setattr(M._CPUHeadFn, "apply", lambda *a: calls.append(1) or apply(*a))
+    m = M.GPT(M.GPTConfig(n_layer=1, n_head=2, n_embd=64, block_size=32, vocab_size=320))
+    idx = torch.randint(0, 320, (2, 32))
+    m(idx, idx)[1].backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(idx, idx)[1].backward()
+    assert calls == [1]
+
+
 # kernels.ce_chunk against the torch sequence: an online log-sum-exp (float32) differs from torch.logsumexp by a few
 # float32 ulps, so a BF16 gradient element may round the other way (one ulp)
 CE_LOSS_RTOL = 2e-6
