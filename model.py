@@ -223,11 +223,18 @@ def use_fp8_gelu(model: nn.Module, recompute: bool = False, fused_cast: bool = F
                 and isinstance(mod.c_proj, fp8.FP8Linear):
             mod.act, mod.c_proj.gelu_in, mod.c_proj.gelu_cast = nn.Identity(), True, fused_cast
             if delayed:
-                x_meta = mod.c_proj.x_meta
-                mod.c_proj.h_meta = fp8.ScalingMeta(fp8.E4M3, len(x_meta.amax_history), x_meta.margin,
-                                                    x_meta.scale.device)
-                mod.c_proj.h_meta.features = mod.c_proj.in_features
+                mod.c_proj.h_meta = _site_like(mod.c_proj, mod.c_proj.in_features)
     return model
+
+
+def _site_like(lin: fp8.FP8Linear, features: int) -> fp8.ScalingMeta:
+    """A new E4M3 delayed-scaling site with the amax history length, margin and device of lin's input site: for a
+    tensor lin's backward keeps in FP8 besides its input (h_meta of --fp8_gelu=4, qkv_meta of --fp8_saved_attn).
+    features: the values per token it casts (saturation statistics)."""
+    x_meta = lin.x_meta
+    meta = fp8.ScalingMeta(fp8.E4M3, len(x_meta.amax_history), x_meta.margin, x_meta.scale.device)
+    meta.features = features
+    return meta
 
 
 def use_recompute_attn(model: nn.Module) -> nn.Module:
@@ -259,9 +266,8 @@ def use_fp8_saved_attn(model: nn.Module) -> nn.Module:
             raise ValueError("--fp8_saved_attn=1 goes without --fp8_attention and --recompute_attn")
         if mod.dropout:
             raise ValueError("--fp8_saved_attn=1 has no attention dropout; use dropout=0 or --fp8_saved_attn=0")
-        x_meta, C = mod.c_proj.x_meta, mod.c_proj.in_features
-        mod.c_proj.qkv_meta = fp8.ScalingMeta(fp8.E4M3, len(x_meta.amax_history), x_meta.margin, device)
-        mod.c_proj.qkv_meta.features = 3 * C
+        C = mod.c_proj.in_features
+        mod.c_proj.qkv_meta = _site_like(mod.c_proj, 3 * C)
         mod.c_proj.attn_backend = fp8.sdpa_backend(device, C // mod.n_head)
     return model
 
@@ -475,7 +481,7 @@ class _ChunkedHeadLossFn(torch.autograd.Function):
             # g: d loss / d logits, written over the logits (one (chunk, V) buffer, not two)
             rows, g = kernels.ce_chunk(logits, targets[s:s + chunk].contiguous(), inv_n, in_place=True)
             loss += rows.sum()
-            torch.matmul(g, wc, out=gx[s:s + chunk])
+            _logit_grad_matmul(g, wc, out=gx[s:s + chunk])
             if gw.is_cuda and g.dtype != torch.float32 and _ADDMM_OUT_DTYPE:  # cuBLAS adds the BF16 product to gw in float32, in place
                 torch.addmm(gw, g.t(), xc[s:s + chunk], out_dtype=torch.float32, out=gw)
             else:  # (the CPU has no mixed-dtype addmm): the product rounded to dt, then added
@@ -514,9 +520,17 @@ class _CPUHeadFn(torch.autograd.Function):
     def backward(ctx, g):
         xc, wc = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1])  # (M, V)
-        gx = g2.t().contiguous().t() @ wc  # column-major left operand: the fast path
+        gx = _logit_grad_matmul(g2, wc)
         gw = g2.t() @ xc.reshape(-1, xc.shape[-1])  # (V, M) @ (M, C): already fast
         return gx.view(xc.shape).to(ctx.x_dtype), gw.to(ctx.w_dtype), None
+
+
+def _logit_grad_matmul(g: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The LM head's input gradient g (M, V) @ w (V, C) (into out). A 16-bit g on the CPU is copied column-major
+    first: oneDNN's BF16 GEMM without AVX512-BF16 runs a row-major (M, V) left operand ~13x slower (_CPUHeadFn)."""
+    if g.device.type == "cpu" and g.dtype in (torch.bfloat16, torch.float16):
+        g = g.t().contiguous().t()
+    return torch.matmul(g, w, out=out)
 
 
 @torch.compiler.disable
