@@ -3622,9 +3622,10 @@ def test_fp8_saved_attn_model_keeps_less(torch_refs, arch):
             TR.TrainConfig(fp8_saved_attn=True, **bad)
 
 
-# tiny model, 15 steps, as FP8 attention and the FP8 GELU: the attention's input gradients from E4M3 q, k, v
-# (measured: val loss 9.2838 against 9.2832, 7e-5 relative)
-FP8_SAVED_ATTN_TRAIN_LOSS_RTOL = 0.01
+# tiny model, 15 steps: the attention's input gradients from E4M3 q, k, v. Measured: val loss 9.2838 against
+# 9.2832 (7e-5 relative); with those gradients zeroed, 9.3173 (3.7e-3). 1e-3 tells the two apart (the 1% of the
+# FP8 attention and FP8 GELU tests would not)
+FP8_SAVED_ATTN_TRAIN_LOSS_RTOL = 1e-3
 
 
 def test_tiny_trains_with_fp8_saved_attn_like_without(data_dir, tmp_path):
